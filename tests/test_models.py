@@ -1,0 +1,171 @@
+"""The denoiser U-Net F and the noise approximator G."""
+
+import pytest
+import torch
+from torch import nn
+
+from n2g_ct.models import (
+    OFFICIAL_INIT_STD,
+    NoiseApproximator,
+    UNet,
+    build_denoiser,
+    build_noise_approximator,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+def _conv_parameters(layers):
+    """Parameters of 3×3 convs with bias, given (in, out) channels."""
+    return sum(cin * cout * 9 + cout for cin, cout in layers)
+
+
+def _official_layers(channels):
+    """(in, out) of every conv of the official `denoisenet(feature_num=32)` F, in order."""
+    return [
+        (channels, 32), (32, 32),  # inc
+        (32, 64), (64, 64),  # down1
+        (64, 128), (128, 128),  # down2
+        (128, 128), (128, 128),  # down3
+        (128 + 128, 64), (64, 64),  # up1
+        (64 + 64, 32), (32, 32),  # up2
+        (32 + 32, 32), (32, 32),  # up3
+        (32, channels),  # outc (3×3 in the official code)
+    ]  # fmt: skip
+
+
+class _OfficialDenoiser(nn.Module):
+    """Independent re-statement of the official F (3 levels, widths 32-64-128-128)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        layers = _official_layers(channels)
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=1) for cin, cout in layers)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+    def _double(self, index, x):
+        return torch.relu(self.convs[index + 1](torch.relu(self.convs[index](x))))
+
+    def forward(self, x):
+        x1 = self._double(0, x)
+        x2 = self._double(2, self.pool(x1))
+        x3 = self._double(4, self.pool(x2))
+        x4 = self._double(6, self.pool(x3))
+        u = self._double(8, torch.cat([x3, self.up(x4)], 1))
+        u = self._double(10, torch.cat([x2, self.up(u)], 1))
+        u = self._double(12, torch.cat([x1, self.up(u)], 1))
+        return self.convs[14](u)
+
+
+@pytest.mark.parametrize("channels, expected", [(1, 840_193), (3, 841_347)])
+def test_parameter_count_matches_the_official_network(channels, expected):
+    model = build_denoiser(in_channels=channels)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == _conv_parameters(_official_layers(channels)) == expected
+    assert count == pytest.approx(0.84e6, rel=0.01)
+
+
+def test_forward_matches_the_official_architecture():
+    # PyTorch's default init (not the official N(0, 0.02²)) so that the deep path visibly matters.
+    model = UNet(in_channels=3).double()
+    reference = _OfficialDenoiser(channels=3).double()
+    with torch.no_grad():
+        for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+            theirs.copy_(ours)
+        image = torch.rand(2, 3, 32, 40, dtype=torch.float64)
+        torch.testing.assert_close(model(image), reference(image), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "channels, height, width",
+    [(1, 512, 512), (1, 97, 131), (3, 33, 17), (1, 5, 3), (3, 1, 1)],
+)
+def test_output_has_the_input_shape_for_any_size(channels, height, width):
+    model = build_denoiser(in_channels=channels)
+    with torch.no_grad():
+        output = model(torch.rand(1, channels, height, width))
+    assert output.shape == (1, channels, height, width)
+    assert torch.isfinite(output).all()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_depth_and_width_are_configurable(depth):
+    model = build_denoiser(in_channels=3, out_channels=1, base_width=4, depth=depth)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 4 * depth + 3
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 19, 23)).shape == (2, 1, 19, 23)
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (97, 131), (7, 3)])
+def test_padding_is_cropped_back_in_place(height, width):
+    """A U-Net wired to pass channel 0 through its top skip returns the input pixel for pixel."""
+    model = UNet(in_channels=1, base_width=4, depth=3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for conv in (*model.encoder[0][::2], *model.decoder[-1][::2], model.head):
+            conv.weight[0, 0, 1, 1] = 1.0  # centre tap; decoder input channel 0 is the skip
+        image = torch.rand(2, 1, height, width)  # ≥ 0, so the ReLUs pass it unchanged
+        torch.testing.assert_close(model(image), image)
+
+
+def test_no_normalisation_layers_and_only_convolutions_learn():
+    model = build_denoiser()
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    assert not any(isinstance(m, norms) for m in model.modules())
+    learning = [m for m in model.modules() if list(m.parameters(recurse=False))]
+    assert learning and all(isinstance(m, nn.Conv2d) for m in learning)
+
+
+def test_builders_apply_the_official_initialisation():
+    model = build_denoiser()
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, nn.Conv2d)])
+    assert weights.std().item() == pytest.approx(OFFICIAL_INIT_STD, rel=0.01)
+    assert weights.mean().abs().item() < 1e-3
+    assert all(not m.bias.any() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+    approximator = build_noise_approximator(channels=3)
+    assert not approximator.bias.any()
+    assert approximator.weight.abs().max().item() < 6 * OFFICIAL_INIT_STD
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_noise_approximator_scaled_identity_init(channels):
+    approximator = build_noise_approximator(channels, init_scale=0.5)
+    assert isinstance(approximator, NoiseApproximator)
+    assert approximator.kernel_size == (1, 1)
+    noise = torch.randn(2, channels, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(approximator(noise), 0.5 * noise)
+
+
+def test_noise_approximator_is_a_per_pixel_affine_map_across_channels():
+    approximator = build_noise_approximator(channels=3)
+    noise = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        output = approximator(noise)
+        expected = torch.einsum("oc,bchw->bohw", approximator.weight[:, :, 0, 0], noise)
+        expected += approximator.bias.view(1, 3, 1, 1)
+    torch.testing.assert_close(output, expected)
+    assert sum(p.numel() for p in approximator.parameters()) == 3 * 3 + 3
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: build_denoiser(depth=0),
+        lambda: build_denoiser(base_width=0),
+        lambda: build_denoiser(in_channels=1.5),
+        lambda: build_noise_approximator(channels=0),
+        lambda: build_noise_approximator(init_scale=float("nan")),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(build):
+    with pytest.raises(ValueError, match=">= 1|finite"):
+        build()

@@ -1,0 +1,244 @@
+"""The Noise2Grad step: update-delay schedule, detail-destruction masks, losses and ablations."""
+
+import dataclasses
+import doctest
+import math
+
+import pytest
+import torch
+
+import n2g_ct.noise2grad
+from n2g_ct.losses import gradient_loss
+from n2g_ct.models import build_denoiser, build_noise_approximator
+from n2g_ct.noise2grad import (
+    Noise2GradOptions,
+    detail_destruction_mask,
+    noise2grad_step,
+    noise2noise_step,
+    supervised_step,
+    update_delay,
+    uses_gradient_loss,
+)
+
+SHAPE = (2, 1, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture
+def models():
+    """Tiny F and G; G starts as the identity so that the synthetic noise is clearly visible."""
+    return build_denoiser(base_width=4, depth=2), build_noise_approximator(init_scale=1.0)
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    clean_for_noisy = torch.rand(SHAPE, generator=generator)
+    x = (clean_for_noisy + 0.1 * torch.randn(SHAPE, generator=generator)).clamp(0, 1)
+    y = torch.rand(SHAPE, generator=generator)
+    return x, y
+
+
+def _run(models, batch, step, options=Noise2GradOptions(), seed=7):
+    return noise2grad_step(*models, *batch, step, options, torch.Generator().manual_seed(seed))
+
+
+def test_docstring_examples():
+    assert doctest.testmod(n2g_ct.noise2grad, raise_on_error=True).attempted >= 2
+
+
+def test_update_delay_schedule():
+    assert [update_delay(t) for t in (1, 2, 499)] == [1, 1, 1]
+    assert [update_delay(t) for t in (500, 999, 1000, 1499, 1500)] == [2, 2, 3, 3, 4]
+    # The period scales the schedule: τ(k·period) == τ(k·500) with the default period.
+    for period in (1, 7, 40):
+        assert [update_delay(k * period, period) for k in range(1, 6)] == [2, 3, 4, 5, 6]
+        assert [update_delay(k * period - 1, period) for k in range(2, 6)] == [2, 3, 4, 5]
+
+
+def test_gradient_loss_schedule():
+    assert all(uses_gradient_loss(t) for t in range(1, 500))  # τ = 1
+    assert [uses_gradient_loss(t) for t in (500, 501, 502, 999)] == [True, False, True, False]
+    assert [uses_gradient_loss(t) for t in (1000, 1001, 1002)] == [False, False, True]  # τ = 3
+    assert all(uses_gradient_loss(t, 500, delay_enabled=False) for t in range(1, 2001))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.0, True])
+def test_schedule_rejects_bad_steps_and_periods(bad):
+    with pytest.raises(ValueError, match="step .* must be an integer >= 1"):
+        uses_gradient_loss(bad)
+    with pytest.raises(ValueError, match="period .* must be an integer >= 1"):
+        update_delay(1, bad)
+
+
+def test_mask_is_balanced_signs():
+    mask = detail_destruction_mask((4, 1, 500, 500), torch.Generator().manual_seed(0))
+    assert mask.shape == (4, 1, 500, 500) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {-1.0, 1.0}
+    # Mean of n = 10⁶ fair signs has standard deviation 1/√n = 0.001: allow 5σ.
+    assert abs(mask.mean().item()) < 5 / math.sqrt(mask.numel())
+
+
+def test_mask_is_independent_per_sample_and_pixel():
+    mask = detail_destruction_mask((2, 1, 300, 300), torch.Generator().manual_seed(0)).flatten(1)
+    bound = 5 / math.sqrt(mask.shape[1])
+    assert abs((mask[0] * mask[1]).mean().item()) < bound  # samples uncorrelated
+    assert abs((mask[0, 1:] * mask[0, :-1]).mean().item()) < bound  # neighbours uncorrelated
+
+
+def test_mask_is_reproducible_and_uses_only_its_generator():
+    global_state = torch.get_rng_state()
+    first = detail_destruction_mask(SHAPE, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert torch.equal(first, detail_destruction_mask(SHAPE, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, detail_destruction_mask(SHAPE, torch.Generator().manual_seed(4)))
+
+
+def test_options_defaults_are_the_paper_and_bad_values_raise():
+    paper = Noise2GradOptions(period=500, detail_destruction=True, update_delay=True)
+    assert Noise2GradOptions() == paper
+    with pytest.raises(ValueError, match="period .* >= 1"):
+        Noise2GradOptions(period=0)
+    with pytest.raises(ValueError, match="period"):
+        Noise2GradOptions(period=2.5)
+    with pytest.raises(ValueError, match="detail_destruction must be true or false"):
+        Noise2GradOptions(detail_destruction="yes")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Noise2GradOptions().period = 3
+
+
+def test_step_rejects_mismatched_batches(models, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        noise2grad_step(*models, x, y[:1], 1, Noise2GradOptions(), torch.Generator())
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (Noise2GradOptions(period=3), {1, 2, 4, 6}),  # τ = 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5
+        (Noise2GradOptions(period=3, update_delay=False), set(range(1, 13))),
+        (Noise2GradOptions(), set(range(1, 13))),
+    ],
+)
+def test_gradient_loss_applied_on_exactly_the_scheduled_steps(models, batch, options, expected):
+    scheduled = set()
+    for step in range(1, 13):
+        result = _run(models, batch, step, options)
+        if result.grad_loss is not None:
+            scheduled.add(step)
+            torch.testing.assert_close(result.loss.detach(), result.denoise_loss + result.grad_loss)
+        else:
+            torch.testing.assert_close(result.loss.detach(), result.denoise_loss)
+    assert scheduled == expected
+
+
+def test_synthetic_image_is_clean_plus_masked_extracted_noise(models, batch):
+    x, y = batch
+    result = _run(models, batch, step=1, seed=11)
+    n_tilde, x_s = result.images["n_tilde"], result.images["x_s"]
+    mask = detail_destruction_mask(SHAPE, torch.Generator().manual_seed(11))
+    torch.testing.assert_close(x_s, (y + n_tilde * mask).clamp(0, 1))
+    assert x_s.min() >= 0 and x_s.max() <= 1 and (x_s == 0).any()  # the clamp was active
+    denoiser = models[0]
+    torch.testing.assert_close(result.images["n_hat"], x - denoiser(x).detach())
+    torch.testing.assert_close(result.images["x_s_denoised"], denoiser(x_s).detach())
+    torch.testing.assert_close(result.denoise_loss, ((result.images["x_s_denoised"] - y) ** 2).mean())
+    torch.testing.assert_close(result.grad_loss, gradient_loss(n_tilde, x))
+
+
+def test_without_detail_destruction_only_the_mask_changes(models, batch):
+    _, y = batch
+    paper = _run(models, batch, step=1)
+    ablation = _run(models, batch, step=1, options=Noise2GradOptions(detail_destruction=False))
+    n_tilde = ablation.images["n_tilde"]
+    torch.testing.assert_close(ablation.images["x_s"], (y + n_tilde).clamp(0, 1))
+    for unchanged in ("n_hat", "n_tilde"):
+        torch.testing.assert_close(ablation.images[unchanged], paper.images[unchanged])
+    torch.testing.assert_close(ablation.grad_loss, paper.grad_loss)
+    assert not torch.equal(ablation.images["x_s"], paper.images["x_s"])
+
+
+def test_without_update_delay_only_the_schedule_changes(models, batch):
+    step = 501  # τ = 2 with the default period: not a scheduled step
+    paper = _run(models, batch, step)
+    ablation = _run(models, batch, step, Noise2GradOptions(update_delay=False))
+    assert paper.grad_loss is None and ablation.grad_loss is not None
+    torch.testing.assert_close(ablation.denoise_loss, paper.denoise_loss)
+    for name in paper.images:
+        torch.testing.assert_close(ablation.images[name], paper.images[name])
+
+
+def test_same_seed_gives_identical_results(models, batch):
+    first, second = _run(models, batch, step=2, seed=5), _run(models, batch, step=2, seed=5)
+    assert torch.equal(first.loss, second.loss) and torch.equal(first.grad_loss, second.grad_loss)
+    assert all(torch.equal(first.images[k], second.images[k]) for k in first.images)
+    assert not torch.equal(_run(models, batch, step=2, seed=6).images["x_s"], first.images["x_s"])
+
+
+def test_noise_approximator_learns_only_from_the_gradient_loss(models, batch):
+    denoiser, approximator = models
+    x, _ = batch
+    options = Noise2GradOptions(period=3)
+
+    _run(models, batch, step=3, options=options).loss.backward()  # τ = 2: no gradient loss
+    assert all(p.grad is None for p in approximator.parameters())
+    assert all(p.grad is not None for p in denoiser.parameters())
+
+    denoiser.zero_grad(set_to_none=True)
+    scheduled = _run(models, batch, step=4, options=options)
+    step_gradients = torch.autograd.grad(scheduled.loss, approximator.parameters())
+    grad_only = gradient_loss(approximator(x - denoiser(x)), x)
+    expected = torch.autograd.grad(grad_only, approximator.parameters())
+    for actual, wanted in zip(step_gradients, expected, strict=True):
+        torch.testing.assert_close(actual, wanted)
+    weight_gradient, bias_gradient = step_gradients
+    assert weight_gradient.abs().sum() > 0
+    assert bias_gradient.abs().max() < 1e-6 * weight_gradient.abs().max()  # offsets are invisible
+
+
+def test_step_runs_under_autocast(models, batch):
+    reference = _run(models, batch, step=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _run(models, batch, step=1)
+    mixed.loss.backward()
+    assert torch.isfinite(mixed.loss)
+    assert mixed.grad_loss is not None
+    torch.testing.assert_close(mixed.denoise_loss.float(), reference.denoise_loss, rtol=0.1, atol=1e-3)
+    assert all(torch.isfinite(p.grad).all() for p in models[0].parameters())
+
+
+def test_baseline_steps_are_paired_mean_squared_errors(models):
+    denoiser, _ = models
+    generator = torch.Generator().manual_seed(2)
+    x1, x2, y = (torch.rand(SHAPE, generator=generator) for _ in range(3))
+    supervised, noise2noise = supervised_step(denoiser, x1, y), noise2noise_step(denoiser, x1, x2)
+    prediction = denoiser(x1).detach()
+    torch.testing.assert_close(supervised.loss.detach(), ((prediction - y) ** 2).mean())
+    torch.testing.assert_close(noise2noise.loss.detach(), ((prediction - x2) ** 2).mean())
+    assert supervised.grad_loss is None and noise2noise.grad_loss is None
+    torch.testing.assert_close(supervised.images["prediction"], prediction)
+
+
+def test_a_few_optimiser_steps_reduce_the_denoising_loss():
+    denoiser, approximator = build_denoiser(base_width=8, depth=2), build_noise_approximator()
+    parameters = [*denoiser.parameters(), *approximator.parameters()]
+    optimiser = torch.optim.Adam(parameters, lr=1e-3, betas=(0.5, 0.999))
+    data, masks = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    options = Noise2GradOptions(period=10)
+    losses = []
+    for step in range(1, 31):
+        clean_for_noisy, y = torch.rand(2, 4, 1, 32, 32, generator=data)
+        x = (clean_for_noisy + 0.1 * torch.randn(clean_for_noisy.shape, generator=data)).clamp(0, 1)
+        result = noise2grad_step(denoiser, approximator, x, y, step, options, masks)
+        optimiser.zero_grad()
+        result.loss.backward()
+        optimiser.step()
+        losses.append(float(result.denoise_loss))
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
