@@ -280,11 +280,12 @@ def read_dicom_series(series: DicomSeries, *, allow_non_ct: bool = False) -> CTV
         )
     parsed = series.datasets or [None] * len(series.paths)
     decoded = [_decode_slice(path, ds) for path, ds in zip(series.paths, parsed)]
-    kept, skipped = [], []
+    kept, skipped, skipped_paths = [], [], []
     for path, position, result in zip(series.paths, series.positions_mm, decoded):
         if isinstance(result, str):
             log.warning("skipping %s: %s", path, result)
             skipped.append(f"{path.name}: {result}")
+            skipped_paths.append(path)
         else:
             kept.append((path, position, *result))
     if not kept:
@@ -314,5 +315,6 @@ def read_dicom_series(series: DicomSeries, *, allow_non_ct: bool = False) -> CTV
         padding_mask=padding,
         datasets=[k[2] for k in kept],
         source_paths=[k[0] for k in kept],
+        skipped_paths=skipped_paths,
         series_uid=series.series_uid,
     )

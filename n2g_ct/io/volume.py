@@ -27,6 +27,7 @@ class CTVolume:
         datasets: one pydicom ``Dataset`` per slice, in array order, with PixelData removed:
             the templates for a derived series. Empty for NIfTI input.
         source_paths: the file per slice (DICOM) or the single file (NIfTI).
+        skipped_paths: files of the series left out as unusable (truncated, corrupt, no pixels).
         series_uid: SeriesInstanceUID (DICOM) or ``None``.
         nifti_header: the source ``nibabel`` header for NIfTI input, else ``None``.
     """
@@ -38,6 +39,7 @@ class CTVolume:
     padding_mask: np.ndarray | None = None
     datasets: list[Any] = field(default_factory=list)
     source_paths: list[Path] = field(default_factory=list)
+    skipped_paths: list[Path] = field(default_factory=list)
     series_uid: str | None = None
     nifti_header: Any = None
 

@@ -1,0 +1,366 @@
+"""Datasets over cached CT volumes: unpaired and paired training crops, the paired evaluation set.
+
+Every series is converted once by :class:`n2g_ct.cache.VolumeCache` (in the process that builds the
+dataset); samples are read from its memory-mapped HU arrays, never by decoding DICOM.
+
+- :class:`UnpairedCropStream`: endless batches of (noisy crop, clean crop) for Noise2Grad. Each sample draws a
+  slice uniformly from all selected slices of the noisy pool and, independently, one from the clean
+  pool, then crops, flips and windows each on its own.
+- :class:`PairedCropStream`: endless batches of aligned (low-dose crop, reference crop) for supervised and
+  Noise2Noise baselines: one slice position, one crop window and the same flips for both.
+- :class:`PairedSliceDataset`: map-style whole (low-dose, reference) slices for evaluation, windowed
+  and in HU, with the field-of-view mask.
+
+Seeding: batch ``j`` of a stream comes from ``SeedSequence([seed, rank, j])`` alone, so one base seed
+gives reproducible streams that differ per distributed rank, are the same for any number of
+DataLoader workers (use ``DataLoader(stream, batch_size=None)``: streams yield whole batches), and
+resume exactly from ``start=j``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from n2g_ct.cache import CachedVolume, VolumeCache
+from n2g_ct.errors import InputError
+from n2g_ct.manifest import PairSelection, SliceSelection, Split
+from n2g_ct.transforms import DEFAULT_CROP_SIZE, DEFAULT_WINDOW_HU, HUWindowd, Keys, apply_plain, crop_transforms
+
+log = logging.getLogger(__name__)
+
+SeriesLike = SliceSelection | Path | str
+
+# Paired slices whose positions differ by more than this (mm) are not the same anatomy.
+_POSITION_TOLERANCE_MM = 0.05
+_SPACING_TOLERANCE_MM = 1e-3
+_DIRECTION_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True, eq=False)
+class SliceTable:
+    """Selected slices as flat rows, sampled uniformly.
+
+    Attributes:
+        volumes: per entry, the volumes drawn together (one for a pool, two for a pair).
+        entry: (n,) entry index of each row.
+        z: (n, len(volumes[entry])) slice index in each of the entry's volumes.
+    """
+
+    volumes: tuple[tuple[CachedVolume, ...], ...]
+    entry: np.ndarray
+    z: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.entry)
+
+    def row(self, index: int) -> tuple[tuple[CachedVolume, ...], tuple[int, ...]]:
+        """The volumes and slice indices of row ``index``."""
+        return self.volumes[self.entry[index]], tuple(int(z) for z in self.z[index])
+
+    def sample(self, rng: np.random.RandomState) -> tuple[tuple[CachedVolume, ...], tuple[int, ...]]:
+        """A uniformly random row."""
+        return self.row(int(rng.randint(len(self.entry))))
+
+
+def _indices(slices: Sequence[int] | None, volume: CachedVolume, role: str) -> np.ndarray:
+    count = volume.shape[0]
+    if slices is None:
+        return np.arange(count)
+    if volume.skipped_paths:
+        raise InputError(
+            f"{role} {volume.source}: {len(volume.skipped_paths)} unusable file(s) were skipped "
+            f"(e.g. {volume.skipped_paths[0]}), so the selected slice indices no longer match the series; "
+            "repair or remove those files and rescan the manifest"
+        )
+    z = np.asarray(slices, dtype=np.int64).reshape(-1)
+    bad = z[(z < 0) | (z >= count)]
+    if bad.size:
+        raise InputError(
+            f"{role} {volume.source}: slice index {int(bad[0])} out of range (the series has {count} slices)"
+        )
+    return z
+
+
+def _table(
+    name: str, volumes: Sequence[tuple[CachedVolume, ...]], zs: Sequence[np.ndarray], min_tissue_fraction: float
+) -> SliceTable:
+    """Flatten per-entry (n, k) slice indices, keeping rows where every volume has enough tissue."""
+    kept = []
+    for entry_volumes, z in zip(volumes, zs):
+        fractions = np.stack([v.tissue_fraction[z[:, i]] for i, v in enumerate(entry_volumes)], axis=1)
+        kept.append(z[(fractions >= min_tissue_fraction).all(axis=1)])
+    total = sum(len(z) for z in zs)
+    count = sum(len(z) for z in kept)
+    if count == 0:
+        raise InputError(
+            f"{name}: no slices to draw from ({total} selected, min_tissue_fraction={min_tissue_fraction})"
+        )
+    log.info("%s: %d slices from %d entries (%d below min_tissue_fraction)", name, count, len(volumes), total - count)
+    entry = np.concatenate([np.full(len(z), i) for i, z in enumerate(kept)])
+    return SliceTable(tuple(volumes), entry, np.concatenate(kept))
+
+
+def slice_pool(
+    name: str, selections: Iterable[SeriesLike], cache: VolumeCache, *, min_tissue_fraction: float = 0.0
+) -> SliceTable:
+    """The slices of a noisy or clean pool (one volume per entry), converting series into ``cache``."""
+    volumes: list[tuple[CachedVolume, ...]] = []
+    zs = []
+    for item in selections:
+        selection = item if isinstance(item, SliceSelection) else SliceSelection(Path(item))
+        volume = cache.get(selection.series)
+        volumes.append((volume,))
+        zs.append(_indices(selection.slices, volume, name)[:, None])
+    if not volumes:
+        raise InputError(f"{name}: no series given")
+    return _table(name, volumes, zs, min_tissue_fraction)
+
+
+def pair_table(
+    pairs: Iterable[PairSelection], cache: VolumeCache, *, min_tissue_fraction: float = 0.0
+) -> SliceTable:
+    """The slices of paired (low-dose, reference) series, after checking that each pair matches."""
+    volumes: list[tuple[CachedVolume, ...]] = []
+    zs = []
+    for pair in pairs:
+        low, ref = cache.get(pair.low_dose), cache.get(pair.reference)
+        z_low = _indices(pair.slices, low, "low-dose series")
+        z_ref = _indices(pair.reference_slices, ref, "reference series")
+        _check_pair(pair, low, ref, z_low, z_ref)
+        volumes.append((low, ref))
+        zs.append(np.stack([z_low, z_ref], axis=1))
+    if not volumes:
+        raise InputError("paired set: no pairs given")
+    return _table("paired set", volumes, zs, min_tissue_fraction)
+
+
+def _check_pair(
+    pair: PairSelection, low: CachedVolume, ref: CachedVolume, z_low: np.ndarray, z_ref: np.ndarray
+) -> None:
+    """InputError naming both series unless they image the same positions on the same grid."""
+
+    def mismatch(what: str, a: Any, b: Any) -> InputError:
+        return InputError(
+            f"paired series do not match ({what}): "
+            f"low-dose {pair.low_dose} has {a}, reference {pair.reference} has {b}"
+        )
+
+    if len(z_low) != len(z_ref):
+        raise mismatch("slice count", f"{len(z_low)} slices", f"{len(z_ref)} slices")
+    if low.shape[1:] != ref.shape[1:]:
+        raise mismatch("slice size", f"{low.shape[1:]} pixels", f"{ref.shape[1:]} pixels")
+    if not np.allclose(low.spacing_xyz[:2], ref.spacing_xyz[:2], atol=_SPACING_TOLERANCE_MM):
+        raise mismatch("pixel spacing", f"{low.spacing_xyz[:2]} mm", f"{ref.spacing_xyz[:2]} mm")
+    if not np.allclose(low.direction, ref.direction, atol=_DIRECTION_TOLERANCE):
+        raise mismatch("orientation", low.direction.tolist(), ref.direction.tolist())
+    gap = np.abs(low.slice_positions_lps()[z_low] - ref.slice_positions_lps()[z_ref]).max(axis=1)
+    if gap.max() > _POSITION_TOLERANCE_MM:
+        i = int(gap.argmax())
+        raise mismatch(f"slice position, {gap[i]:.2f} mm apart", f"slice {z_low[i]}", f"slice {z_ref[i]}")
+
+
+def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else those of an initialised ``torch.distributed`` group, else (0, 1)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if distributed else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if distributed else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
+class _CropStream(IterableDataset):
+    """Endless batches of crops: per sample, one row from each table through its own crop chain.
+
+    Batch ``j`` (counted from 0 over the whole run) depends only on ``(seed, rank, j)``: a stream
+    started at ``start=j`` continues a run exactly where it stopped (resume), and DataLoader
+    workers split the batch indices round-robin (worker ``w`` of ``W`` makes ``j = start + w,
+    start + w + W, ...``), which ``DataLoader(stream, batch_size=None)`` returns in order. So the
+    batches are the same for any ``num_workers``.
+    """
+
+    def __init__(
+        self,
+        draws: Sequence[tuple[SliceTable, tuple[str, ...]]],
+        *,
+        batch_size: int,
+        crop_size: Sequence[int],
+        flip_prob: float,
+        window_hu: Sequence[float],
+        seed: int,
+        rank: int | None,
+        world_size: int | None,
+        start: int,
+    ) -> None:
+        if seed < 0 or start < 0 or batch_size < 1:
+            raise ValueError(f"need seed ≥ 0, start ≥ 0 and batch_size ≥ 1, got {seed}, {start}, {batch_size}")
+        self.draws = tuple(
+            (table, keys, crop_transforms(keys, crop_size=crop_size, flip_prob=flip_prob, window_hu=window_hu))
+            for table, keys in draws
+        )
+        for table, _, _ in self.draws:
+            for volume in (v for volumes in table.volumes for v in volumes):
+                if any(c > s for c, s in zip(crop_size, volume.shape[1:])):
+                    raise InputError(f"{volume.source}: slices {volume.shape[1:]} are smaller than the crop {tuple(crop_size)}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
+        self.start = start
+
+    def batch(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Batch ``index``: one (B, 1, h, w) float32 tensor in [0, 1] per key."""
+        seeds = np.random.SeedSequence([self.seed, self.rank, index]).generate_state(1 + len(self.draws))
+        pick = np.random.RandomState(seeds[0])
+        for (_, _, chain), chain_seed in zip(self.draws, seeds[1:]):
+            chain.set_random_state(int(chain_seed))
+        crops: list[list[torch.Tensor]] = []
+        for _ in range(self.batch_size):
+            sample: list[torch.Tensor] = []
+            for table, keys, chain in self.draws:
+                volumes, zs = table.sample(pick)
+                out = apply_plain(chain, {key: v.hu[z] for key, v, z in zip(keys, volumes, zs)})
+                sample.extend(out[key] for key in keys)
+            crops.append(sample)
+        return tuple(torch.stack(column) for column in zip(*crops))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index in itertools.count(self.start + worker_id, workers):
+            yield self.batch(index)
+
+
+class UnpairedCropStream(_CropStream):
+    """Endless (noisy, clean) crops, each float32 (1, h, w) in [0, 1]; a DataLoader batches (B, 1, h, w).
+
+    Args:
+        noisy, clean: the pools: :class:`SliceSelection` s, or series paths (all slices).
+        crop_size: (rows, columns) in pixels.
+        flip_prob: probability of each of the up-down and left-right flips.
+        window_hu: HU mapped to 0 and 1 (clipped outside).
+        batch_size: samples per yielded batch.
+        seed: base seed (see the module docstring).
+        rank, world_size: distributed rank; default from ``torch.distributed`` when initialised.
+        start: index of the first batch (the number of batches a resumed run already used).
+        min_tissue_fraction: skip slices with less than this share of voxels above -500 HU
+            (0 keeps every slice, as the paper does).
+        cache: where volumes are cached; default :class:`VolumeCache` ().
+    """
+
+    def __init__(
+        self,
+        noisy: Iterable[SeriesLike],
+        clean: Iterable[SeriesLike],
+        *,
+        batch_size: int = 1,
+        crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
+        flip_prob: float = 0.5,
+        window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start: int = 0,
+        min_tissue_fraction: float = 0.0,
+        cache: VolumeCache | None = None,
+    ) -> None:
+        cache = cache or VolumeCache()
+        draws = [
+            (slice_pool("noisy pool", noisy, cache, min_tissue_fraction=min_tissue_fraction), (Keys.NOISY,)),
+            (slice_pool("clean pool", clean, cache, min_tissue_fraction=min_tissue_fraction), (Keys.CLEAN,)),
+        ]
+        super().__init__(draws, batch_size=batch_size, crop_size=crop_size, flip_prob=flip_prob,
+                         window_hu=window_hu, seed=seed, rank=rank, world_size=world_size, start=start)
+
+    @classmethod
+    def from_split(cls, split: Split, **options: Any) -> UnpairedCropStream:
+        """The stream over ``split.noisy`` and ``split.clean``; ``options`` as for the constructor."""
+        return cls(split.noisy, split.clean, **options)
+
+
+class PairedCropStream(_CropStream):
+    """Endless aligned (low-dose, reference) crops: same slice position, crop window and flips.
+
+    Each crop is float32 (1, h, w) in [0, 1]. Args as for :class:`UnpairedCropStream`, with
+    ``pairs`` instead of the two pools (the tissue filter keeps a slice when both images pass).
+    """
+
+    def __init__(
+        self,
+        pairs: Iterable[PairSelection],
+        *,
+        batch_size: int = 1,
+        crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
+        flip_prob: float = 0.5,
+        window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start: int = 0,
+        min_tissue_fraction: float = 0.0,
+        cache: VolumeCache | None = None,
+    ) -> None:
+        table = pair_table(pairs, cache or VolumeCache(), min_tissue_fraction=min_tissue_fraction)
+        super().__init__([(table, (Keys.LOW_DOSE, Keys.REFERENCE))], batch_size=batch_size, crop_size=crop_size,
+                         flip_prob=flip_prob, window_hu=window_hu, seed=seed, rank=rank, world_size=world_size,
+                         start=start)
+
+
+class PairedSliceDataset(Dataset):
+    """Whole paired slices for evaluation, in selection order.
+
+    Item ``i`` is a dict (see :class:`Keys`): ``low_dose``/``reference`` float32 (1, y, x) windowed
+    to [0, 1]; ``low_dose_hu``/``reference_hu`` float32 (1, y, x) in HU; ``valid`` bool (1, y, x),
+    False where either series has padding; ``pair`` (index into ``pairs``) and ``slice`` (index in
+    the low-dose series).
+
+    Raises:
+        InputError: a pair's series differ in slice count, size, spacing, orientation or position.
+    """
+
+    def __init__(
+        self,
+        pairs: Iterable[PairSelection],
+        *,
+        window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
+        cache: VolumeCache | None = None,
+    ) -> None:
+        self.table = pair_table(pairs, cache or VolumeCache())
+        self.window = HUWindowd((Keys.LOW_DOSE, Keys.REFERENCE), window_hu)
+
+    @classmethod
+    def from_split(cls, split: Split, **options: Any) -> PairedSliceDataset:
+        """The evaluation set of ``split.test``; ``options`` as for the constructor."""
+        return cls(split.test, **options)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        (low, ref), (z_low, z_ref) = self.table.row(index)
+        hu = {Keys.LOW_DOSE: np.array(low.hu[z_low], dtype=np.float32)[None],
+              Keys.REFERENCE: np.array(ref.hu[z_ref], dtype=np.float32)[None]}
+        valid = np.ones(hu[Keys.LOW_DOSE].shape, bool)
+        for volume, z in ((low, z_low), (ref, z_ref)):
+            if volume.padding_mask is not None:
+                valid &= ~volume.padding_mask[z][None]
+        windowed = apply_plain(self.window, dict(hu))
+        return {
+            Keys.LOW_DOSE: windowed[Keys.LOW_DOSE],
+            Keys.REFERENCE: windowed[Keys.REFERENCE],
+            Keys.LOW_DOSE_HU: torch.from_numpy(hu[Keys.LOW_DOSE]),
+            Keys.REFERENCE_HU: torch.from_numpy(hu[Keys.REFERENCE]),
+            Keys.VALID: torch.from_numpy(valid),
+            Keys.PAIR: int(self.table.entry[index]),
+            Keys.SLICE: z_low,
+        }
