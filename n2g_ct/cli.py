@@ -39,6 +39,120 @@ def _add_info_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_cmd_info)
 
 
+def _cmd_manifest_scan(args: argparse.Namespace) -> int:
+    from n2g_ct.manifest import scan_dataset
+
+    summary = scan_dataset(args.dataset, args.root, args.out, splits=args.split, seed=args.seed, force=args.force)
+    print(summary.render())
+    return 0
+
+
+def _cmd_manifest_check(args: argparse.Namespace) -> int:
+    from n2g_ct.manifest import check_manifest
+
+    report = check_manifest(args.manifest, args.data_root)
+    print(report.render())
+    if not report.ok:
+        print(f"n2g-ct manifest check: {len(report.problems)} problem(s) in {args.manifest}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_manifest_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "manifest",
+        help="make and validate dataset manifests (which slices form the noisy, clean and test sets)",
+        description="Dataset manifests; schema in data_manifests/README.md.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    scan = actions.add_parser(
+        "scan",
+        help="walk a dataset tree (e.g. Mayo 2016) and write its concrete manifest",
+        description="Detect the layout, pair low-dose and reference slices by position, build the splits "
+        "and write every slice (file + position) per split and role. Reads DICOM headers only.",
+    )
+    scan.add_argument("dataset", help="dataset definition: a name in data_manifests/ (mayo2016) or a YAML path")
+    scan.add_argument("--root", type=Path, required=True, help="the dataset folder")
+    scan.add_argument("--out", type=Path, required=True, help="manifest YAML to write (outside --root)")
+    scan.add_argument("--split", nargs="+", metavar="NAME",
+                      help="splits to build (default: all; mayo2016: paper patient)")
+    scan.add_argument("--seed", type=int, help="seed of the random split (default: the definition's)")
+    scan.add_argument("--force", action="store_true", help="replace --out if it exists")
+    scan.set_defaults(handler=_cmd_manifest_scan)
+    check = actions.add_parser(
+        "check",
+        help="validate a manifest: files, slice indices, counts per patient and role, disjoint roles",
+        description="Print a summary table per split; exit 1 listing the problems if any.",
+    )
+    check.add_argument("manifest", type=Path, help="manifest YAML")
+    check.add_argument("--data-root", type=Path,
+                       help="folder relative paths resolve against (default: the manifest's root)")
+    check.set_defaults(handler=_cmd_manifest_check)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from n2g_ct.config import load_config
+    from n2g_ct.train import TrainingInterrupted, train
+    from n2g_ct.train_config import TrainConfig
+
+    overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
+    config = load_config(TrainConfig, args.config, overrides)
+    try:
+        checkpoint = train(config, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as exc:
+        print(f"n2g-ct train: {exc}; continue with --resume", file=sys.stderr)
+        return 128 + exc.signum
+    print(f"checkpoint: {checkpoint}")
+    return 0
+
+
+def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a denoiser (Noise2Grad, or a supervised / Noise2Noise baseline) from a YAML config",
+        description="Train as configured in CONFIG; later KEY=VALUE arguments override it "
+        "(dotted keys, e.g. optim.steps=2000 run.out_dir=runs/x). Under torchrun it trains on every process.",
+    )
+    parser.add_argument("config", type=Path, help="training configuration (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run.out_dir from its last checkpoint")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides run.device)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(handler=_cmd_train)
+
+
+def _cmd_denoise(args: argparse.Namespace) -> int:
+    from n2g_ct.denoise import denoise_inputs
+
+    summary = denoise_inputs(
+        args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
+        amp=not args.no_amp, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(summary.render())
+    return 0 if summary.ok else 1
+
+
+def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "denoise",
+        help="denoise CT series / NIfTI volumes into derived DICOM series / NIfTI files",
+        description="Denoise every series found in the inputs with a trained model. Outputs mirror the "
+        "inputs below --out (written to a temporary folder, then renamed); completed ones are skipped on a "
+        "re-run; OUT/denoise_summary.csv lists each job. Exit status: 0 all done, 1 some failed, 2 bad arguments.",
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                        help="series folder, folder tree, DICOM file, NIfTI file, or manifest (.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (outside every input)")
+    parser.add_argument("--model", type=Path, help="checkpoint written by n2g-ct train")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--split", help="manifest split whose low-dose series are denoised (default: its default)")
+    parser.add_argument("--overwrite", action="store_true", help="redo series whose output exists")
+    parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.set_defaults(handler=_cmd_denoise)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``n2g-ct`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -50,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info_parser(subparsers)
+    _add_manifest_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_denoise_parser(subparsers)
     return parser
 
 

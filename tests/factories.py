@@ -113,3 +113,20 @@ def write_ct_series(
 def read_stored_values(path: Path) -> np.ndarray:
     """The raw stored pixel values of one DICOM file (no rescale)."""
     return pydicom.dcmread(path).pixel_array
+
+
+def smooth_images(count: int, size: int, seed: int, contrast_hu: float = 150.0) -> np.ndarray:
+    """(count, size, size) smooth random HU images (blurred white noise, std ``contrast_hu``)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    images = np.stack([gaussian_filter(rng.normal(0, 1, (size, size)), 6) for _ in range(count)])
+    return (images / images.std(axis=(1, 2), keepdims=True) * contrast_hu).astype(np.float32)
+
+
+def correlated_noise(shape: Sequence[int], sigma_hu: float, seed: int, correlation_px: float = 0.7) -> np.ndarray:
+    """Zero-mean Gaussian noise of std ``sigma_hu``, spatially correlated in-plane like CT noise."""
+    from scipy.ndimage import gaussian_filter
+
+    noise = gaussian_filter(np.random.default_rng(seed).normal(0, 1, shape), (0, correlation_px, correlation_px))
+    return (noise / noise.std() * sigma_hu).astype(np.float32)

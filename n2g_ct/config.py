@@ -1,0 +1,166 @@
+"""Typed configuration: frozen dataclasses validated at construction; YAML is only storage.
+
+A config file maps onto nested dataclasses. Unknown keys, wrong types and out-of-range values are
+reported together, each with its dotted key (``train.steps: must be ≥ 1, got 0``), before anything
+runs. Command-line overrides use the same dotted keys: ``train.steps=2000 data.crop_size=96``.
+Configs never execute code (``yaml.safe_load`` only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from n2g_ct.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """``value`` converted to annotation ``tp``; appends ``key: problem`` to ``errors`` on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, errors)
+        for candidate in inner:
+            trial: list[str] = []
+            converted = _convert(value, candidate, key, trial)
+            if not trial:
+                return converted
+        errors.append(f"{key}: expected one of {', '.join(_type_name(a) for a in inner)}, got {value!r}")
+        return None
+    if origin is typing.Literal:
+        if value not in args:
+            errors.append(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return None
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value))
+        if len(value) != len(args):
+            errors.append(f"{key}: expected {len(args)} values, got {len(value)}")
+            return None
+        return tuple(_convert(v, a, f"{key}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return None
+        return _build(tp, value, f"{key}.", errors)
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            errors.append(f"{key}: expected a path, got {value!r}")
+        return Path(value) if isinstance(value, (str, Path)) else None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{key}: expected a number, got {value!r}")
+            return None
+        return float(value)
+    if tp in (int, bool, str):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            errors.append(f"{key}: expected {tp.__name__}, got {value!r}")
+            return None
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T | None:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    for name in unknown:
+        errors.append(f"{prefix}{name}: unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", errors)
+        elif fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING:
+            errors.append(f"{prefix}{name}: required")
+    if errors:
+        return None
+    try:
+        return cls(**kwargs)
+    except (ValueError, ConfigError) as exc:
+        errors.append(f"{prefix.rstrip('.') or cls.__name__}: {exc}")
+        return None
+
+
+def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
+    """Build dataclass ``cls`` from a plain mapping; ConfigError listing every problem at once."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    result = _build(cls, data, "", errors)
+    if errors or result is None:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {e}" for e in errors))
+    return result
+
+
+def to_dict(config: Any) -> dict:
+    """Plain YAML-safe mapping of a config dataclass (paths as strings, tuples as lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """A copy of ``data`` with ``dotted.key=value`` overrides applied (values parsed as YAML)."""
+    result = yaml.safe_load(yaml.safe_dump(data))  # deep copy through the storage format
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=1000")
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return result
+
+
+def load_yaml(path: Path) -> dict:
+    """The mapping stored in a YAML file; ConfigError naming the file when it cannot be read."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: Path, overrides: Sequence[str] = ()) -> T:
+    """Load ``cls`` from a YAML file with ``key=value`` overrides; every problem reported at once."""
+    return from_dict(cls, apply_overrides(load_yaml(path), overrides), source=str(path))

@@ -1,0 +1,138 @@
+"""Run logs: ``train_log.csv``, ``validation.csv``, ``config.yaml`` and optional TensorBoard events.
+
+Rows are appended and flushed as they come, so a crashed run keeps its log. On resume, rows after
+the checkpoint's step are dropped first: the resumed run writes them again.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.csv"
+VALIDATION_LOG = "validation.csv"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _truncate_rows_after(path: Path, step: int) -> None:
+    """Drop rows whose ``step`` is greater than ``step`` (rows of a run later resumed from ``step``)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    kept = [r for r in rows if int(r["step"]) <= step]
+    fields = list(rows[0])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+
+
+class _CsvLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+        self._writer: csv.DictWriter | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._writer is None:
+            existing = self.path.exists() and self.path.stat().st_size > 0
+            if existing:
+                with open(self.path, newline="") as f:
+                    fields = next(csv.reader(f))
+            else:
+                fields = list(row)
+            self._file = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore", restval="")
+            if not existing:
+                self._writer.writeheader()
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class RunLog:
+    """Where a training run's numbers go.
+
+    Args:
+        out_dir: run folder.
+        config: plain config mapping, stored as ``config.yaml``.
+        enabled: False on ranks other than 0 (nothing is written).
+        tensorboard: also write TensorBoard scalars to ``out_dir/tensorboard``.
+        truncate_after: the step a resumed run starts after (0 for a new run).
+    """
+
+    def __init__(self, out_dir: Path, config: dict, *, enabled: bool = True, tensorboard: bool = False,
+                 truncate_after: int = 0) -> None:
+        self.enabled = enabled
+        self._tensorboard = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        for name in (TRAIN_LOG, VALIDATION_LOG):
+            _truncate_rows_after(out_dir / name, truncate_after)
+        self._train = _CsvLog(out_dir / TRAIN_LOG)
+        self._validation = _CsvLog(out_dir / VALIDATION_LOG)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("TensorBoard is not installed (pip install 'n2g-ct[tensorboard]'); CSV logs only")
+            else:
+                self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=truncate_after + 1)
+
+    def _scalars(self, prefix: str, row: dict[str, Any]) -> None:
+        if self._tensorboard is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tensorboard.add_scalar(f"{prefix}/{key}", value, row["step"])
+
+    def train_row(self, row: dict[str, Any]) -> None:
+        """Append one training row (must hold ``step``)."""
+        if self.enabled:
+            self._train.write(row)
+            self._scalars("train", row)
+
+    def validation_row(self, row: dict[str, Any]) -> None:
+        """Append one validation row (must hold ``step``)."""
+        if self.enabled:
+            self._validation.write(row)
+            self._scalars("validation", row)
+            log.info("step %d validation: %s", row["step"],
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._train.close()
+            self._validation.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()

@@ -1,0 +1,385 @@
+"""Training loop: seeding, device and mixed precision, LR schedule, checkpoints, resume, logging, DDP.
+
+One loop serves Noise2Grad and the baselines: the method only changes which step function
+(:mod:`n2g_ct.noise2grad`) turns a batch into a loss. Under ``torchrun`` each process trains on its
+own crops with ``DistributedDataParallel`` (NCCL on GPU, gloo on CPU); rank 0 writes logs and
+checkpoints. Resume is exact: the crops of step ``t`` depend only on (seed, rank, t), and the
+checkpoint holds every RNG state, so a resumed run logs the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from n2g_ct.checkpoint import load_checkpoint, save_checkpoint
+from n2g_ct.config import from_dict, to_dict
+from n2g_ct.errors import ConfigError, InputError
+from n2g_ct.models import build_denoiser, build_noise_approximator
+from n2g_ct.noise2grad import StepResult, noise2grad_step, noise2noise_step, supervised_step
+from n2g_ct.run_log import RunLog
+from n2g_ct.train_config import TrainConfig
+from n2g_ct.training_data import Validation, build_training_batches, build_validation
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes logs and checkpoints."""
+        return self.rank == 0
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.step = step
+        self.signum = signum
+
+
+class TrainingObjective(nn.Module):
+    """F and G with the method's step as ``forward``, so DDP sees one forward per optimiser step.
+
+    ``forward(batch, step, generator)`` returns ``(loss, StepResult)``; batch keys: ``noisy`` and
+    ``clean`` (Noise2Grad) or ``input`` and ``target`` (supervised, Noise2Noise), (B, C, H, W) in [0, 1].
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__()
+        model = config.model
+        self.method = config.method
+        self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth)
+        self.noise_approximator = (
+            build_noise_approximator(model.channels, model.g_init_scale) if self.method.name == "noise2grad" else None
+        )
+
+    def forward(self, batch: dict[str, Tensor], step: int, generator: torch.Generator) -> tuple[Tensor, StepResult]:
+        name = self.method.name
+        if name == "noise2grad":
+            result = noise2grad_step(
+                self.denoiser, self.noise_approximator, batch["noisy"], batch["clean"], step,
+                self.method.noise2grad, generator,
+            )
+        elif name == "supervised":
+            result = supervised_step(self.denoiser, batch["input"], batch["target"])
+        else:
+            result = noise2noise_step(self.denoiser, batch["input"], batch["target"])
+        return result.loss, result
+
+
+def lr_factor(step: int, total_steps: int, decay_start: float) -> float:
+    """Learning-rate multiplier before optimiser step ``step`` (from 0): 1, then linear to 0.
+
+    >>> [round(lr_factor(s, 10, 0.5), 2) for s in (0, 4, 5, 7, 9)]
+    [1.0, 1.0, 1.0, 0.6, 0.2]
+    """
+    start = int(total_steps * decay_start)
+    if step < start:
+        return 1.0
+    return max(0.0, 1.0 - (step - start) / max(1, total_steps - start))
+
+
+def _init_processes() -> Processes:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(requested: str, processes: Processes) -> torch.device:
+    """The torch device for ``requested`` (auto/cpu/cuda/cuda:N); under torchrun, GPU = local rank."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"run.device={requested} but no CUDA device is available (use --device cpu)")
+    if requested in ("auto", "cuda"):
+        return torch.device("cuda", processes.local_rank if processes.world_size > 1 else 0)
+    return torch.device(requested)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+_MASK_STREAM = 1  # tells the mask seeds apart from the crop seeds of the data streams
+
+
+def mask_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the detail-destruction masks at (``seed``, ``rank``, ``step``).
+
+    Like the crops (:mod:`n2g_ct.data`), masks are derived per step rather than drawn from a
+    carried RNG state, which makes resume exact on every rank.
+    """
+    return int(np.random.SeedSequence([seed, rank, step, _MASK_STREAM]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class _Trainer:
+    """The mutable state of one run; :func:`train` drives it."""
+
+    config: TrainConfig
+    processes: Processes
+    device: torch.device
+    objective: TrainingObjective
+    model: nn.Module  # the objective, DDP-wrapped when several processes train
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    best_psnr: float = -math.inf
+    lr: float = 0.0  # learning rate of the last step
+    elapsed_before_s: float = 0.0  # training time of the run before this process resumed it
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed_s(self) -> float:
+        """Training wall time of the whole run so far, seconds (continues across resumes)."""
+        return self.elapsed_before_s + time.perf_counter() - self.started
+
+    @property
+    def out_dir(self) -> Path:
+        return self.config.run.out_dir
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume (and, for inference, to rebuild F)."""
+        return {
+            "step": self.step,
+            "config": to_dict(self.config),
+            "denoiser": self.objective.denoiser.state_dict(),
+            "noise_approximator": (
+                self.objective.noise_approximator.state_dict() if self.objective.noise_approximator else None
+            ),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_psnr": self.best_psnr,
+            "elapsed_s": self.elapsed_s(),
+            "world_size": self.processes.world_size,
+        }
+
+    def save(self, name: str = LAST_CHECKPOINT) -> None:
+        if self.processes.is_main:
+            save_checkpoint(self.state(), self.out_dir / "checkpoints" / name)
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("world_size", 1) != self.processes.world_size:
+            raise InputError(
+                f"{path}: saved by a run of {state.get('world_size')} process(es); resume it with the same "
+                f"number (now {self.processes.world_size}) so that every rank draws the same crops"
+            )
+        try:
+            self.objective.denoiser.load_state_dict(state["denoiser"])
+            if self.objective.noise_approximator is not None:
+                self.objective.noise_approximator.load_state_dict(state["noise_approximator"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise InputError(f"{path}: does not match this run's model or method ({exc})") from None
+        self.step = int(state["step"])
+        self.best_psnr = float(state["best_psnr"])
+        self.elapsed_before_s = float(state["elapsed_s"])
+        changed = _changed_keys(state["config"], to_dict(self.config))
+        if changed:
+            log.warning("resuming with a changed configuration (%s): the run is no longer identical to an "
+                        "uninterrupted one", ", ".join(changed))
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _build_trainer(config: TrainConfig, processes: Processes, device: torch.device) -> _Trainer:
+    torch.manual_seed(config.run.seed)  # the same initial weights on every rank
+    objective = TrainingObjective(config).to(device)
+    model: nn.Module = objective
+    if processes.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=True)
+    optim = config.optim
+    optimizer = torch.optim.Adam(objective.parameters(), lr=optim.lr, betas=optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, optim.steps, optim.decay_start)
+    )
+    use_scaler = device.type == "cuda" and config.run.amp and not torch.cuda.is_bf16_supported()
+    return _Trainer(
+        config, processes, device, objective, model, optimizer, scheduler,
+        torch.amp.GradScaler(device.type, enabled=use_scaler),
+    )
+
+
+def _train_step(trainer: _Trainer, batch: dict[str, Tensor]) -> StepResult:
+    """One optimiser step (``trainer.step`` already counts it)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(mask_seed(trainer.config.run.seed, trainer.processes.rank, trainer.step))
+    with _autocast(trainer.device, trainer.config.run.amp):
+        loss, result = trainer.model(batch, trainer.step, generator)
+    trainer.scaler.scale(loss).backward()
+    g = trainer.objective.noise_approximator
+    if g is not None and result.grad_loss is None:
+        # G learns only from the gradient loss; DDP fills unused gradients with zeros, which Adam's
+        # momentum would still turn into an update. Keep G untouched, as in a single process.
+        for parameter in g.parameters():
+            parameter.grad = None
+    trainer.lr = trainer.optimizer.param_groups[0]["lr"]
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.scheduler.step()
+    return result
+
+
+def _log_row(trainer: _Trainer, result: StepResult) -> dict[str, float | int | str]:
+    row: dict[str, float | int | str] = {
+        "step": trainer.step,
+        "time_s": round(trainer.elapsed_s(), 3),
+        "lr": trainer.lr,
+        "loss": float(result.loss.detach()),
+        "denoise_loss": float(result.denoise_loss),
+        "grad_loss": "" if result.grad_loss is None else float(result.grad_loss),
+    }
+    g = trainer.objective.noise_approximator
+    if g is not None:
+        row["g_weight"] = float(g.weight.detach().mean())
+        row["noise_std"] = float(result.images["n_tilde"].float().std())
+    return row
+
+
+@contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """Collect SIGINT/SIGTERM instead of dying mid-step; the loop checks the list after each step."""
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: Validation | None,
+          run_log: RunLog, bar: Any, stop: list[int]) -> None:
+    """Steps until ``optim.steps``: train, log, validate (keeping the best), checkpoint, obey signals."""
+    run, last = trainer.config.run, trainer.config.optim.steps
+    trainer.started = time.perf_counter()
+    trainer.objective.train()
+    while trainer.step < last:
+        trainer.step += 1
+        batch = {k: v.to(trainer.device, non_blocking=True) for k, v in next(batches).items()}
+        result = _train_step(trainer, batch)
+        bar.update(1)
+        if _due(trainer.step, run.log_every, last):
+            row = _log_row(trainer, result)
+            run_log.train_row(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+        if validation is not None and _due(trainer.step, run.validate_every, last):
+            scores = validation(trainer.objective.denoiser)
+            trainer.objective.train()
+            run_log.validation_row({"step": trainer.step, **scores})
+            if scores["psnr_display"] > trainer.best_psnr:
+                trainer.best_psnr = scores["psnr_display"]
+                trainer.save(BEST_CHECKPOINT)
+        if _due(trainer.step, run.checkpoint_every, last):
+            trainer.save()
+        if _any_rank_stopped(stop, trainer.device, trainer.processes):
+            trainer.save()
+            raise TrainingInterrupted(trainer.step, stop[0] if stop else signal.SIGTERM)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train a denoiser as configured; returns the path of the last checkpoint.
+
+    Args:
+        config: validated training configuration.
+        resume: continue from ``run.out_dir/checkpoints/last.pt``.
+        progress: show a progress bar (rank 0 only).
+
+    Raises:
+        TrainingInterrupted: on SIGINT/SIGTERM, after saving a checkpoint.
+        InputError / ConfigError: bad data, checkpoint or device.
+    """
+    processes = _init_processes()
+    device = select_device(config.run.device, processes)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    trainer = _build_trainer(config, processes, device)
+    checkpoint = trainer.out_dir / "checkpoints" / LAST_CHECKPOINT
+    if resume:
+        trainer.restore(checkpoint)
+        log.info("resuming %s at step %d", checkpoint, trainer.step)
+    elif checkpoint.exists():
+        raise ConfigError(
+            f"{trainer.out_dir} already holds a run ({checkpoint}); pass --resume to continue it "
+            "or choose another run.out_dir"
+        )
+    validation = build_validation(config.data, device) if processes.is_main else None
+    batches = build_training_batches(config, processes.rank, processes.world_size, first_step=trainer.step + 1)
+    show = progress and processes.is_main
+    with ExitStack() as stack:
+        stop = stack.enter_context(_stop_signals())
+        run_log = stack.enter_context(closing(RunLog(
+            trainer.out_dir, to_dict(config), enabled=processes.is_main,
+            tensorboard=config.run.tensorboard, truncate_after=trainer.step,
+        )))
+        stack.enter_context(logging_redirect_tqdm())
+        bar = stack.enter_context(tqdm(total=config.optim.steps, initial=trainer.step, disable=not show,
+                                       unit="step", dynamic_ncols=True))
+        _loop(trainer, batches, validation, run_log, bar, stop)
+    return checkpoint
+
+
+def _any_rank_stopped(stop: list[int], device: torch.device, processes: Processes) -> bool:
+    """Whether a stop signal reached any process (all ranks must leave the loop together)."""
+    if processes.world_size == 1:
+        return bool(stop)
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def load_train_config(data: dict, source: str) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a plain mapping (e.g. stored in a checkpoint)."""
+    return from_dict(TrainConfig, data, source)

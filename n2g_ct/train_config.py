@@ -1,0 +1,174 @@
+"""The typed configuration of ``n2g-ct train`` (YAML sections ``data``, ``model``, ``method``, ``optim``, ``run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from n2g_ct.manifest import PairSelection, SliceSelection
+from n2g_ct.noise2grad import Noise2GradOptions
+
+METHODS = ("noise2grad", "supervised", "noise2noise")
+
+
+def _positive(value: float, what: str) -> None:
+    if value <= 0:
+        raise ValueError(f"{what} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training crops come from and how they are prepared.
+
+    Attributes:
+        manifest: a ``data_manifests`` manifest; with ``split``, fills ``noisy``/``clean`` from it.
+        split: the split of ``manifest`` to use.
+        data_root: root that relative paths of the manifest resolve against.
+        noisy: low-dose pool (Noise2Grad), used when no manifest is given.
+        clean: unrelated routine-dose pool (Noise2Grad).
+        paired: aligned (low-dose, reference) training pairs for the supervised baseline, or two
+            noisy realisations of the same scan for Noise2Noise.
+        validation: paired slices for periodic validation (never the test split).
+        validation_slices: how many slices of ``validation`` to use (evenly spaced), 0 for all.
+        window_hu: HU window mapped to [0, 1] for the network.
+        crop_size: side of the square training crops, pixels.
+        num_workers: DataLoader worker processes (0 = in the training process).
+        cache_dir: HU-array cache folder (default: ``$N2G_CT_CACHE`` or ``~/.cache/n2g-ct``).
+    """
+
+    manifest: Path | None = None
+    split: str | None = None
+    data_root: Path | None = None
+    noisy: tuple[SliceSelection, ...] = ()
+    clean: tuple[SliceSelection, ...] = ()
+    paired: tuple[PairSelection, ...] = ()
+    validation: tuple[PairSelection, ...] = ()
+    validation_slices: int = 8
+    window_hu: tuple[float, float] = (-1024.0, 3072.0)
+    crop_size: int = 128
+    num_workers: int = 0
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.manifest is None) != (self.split is None):
+            raise ValueError("manifest and split go together: give both or neither")
+        if self.window_hu[1] <= self.window_hu[0]:
+            raise ValueError(f"window_hu must be [low, high] with low < high (HU), got {list(self.window_hu)}")
+        if self.crop_size < 16:
+            raise ValueError(f"crop_size must be ≥ 16 pixels, got {self.crop_size}")
+        if self.num_workers < 0 or self.validation_slices < 0:
+            raise ValueError("num_workers and validation_slices must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser F (U-Net) and the noise approximator G.
+
+    Attributes:
+        channels: image channels (1 for CT).
+        base_width: channels of the first U-Net level (official: 32).
+        depth: max-pool downsamplings (official: 3).
+        g_init_scale: start G at weight = scale·identity; ``None`` is the paper's random init.
+    """
+
+    channels: int = 1
+    base_width: int = 32
+    depth: int = 3
+    g_init_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.base_width < 1 or self.depth < 1:
+            raise ValueError("channels, base_width and depth must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which objective trains F.
+
+    Attributes:
+        name: ``noise2grad`` (unpaired pools), ``supervised`` or ``noise2noise`` (``data.paired``).
+        noise2grad: options of the Noise2Grad step (update-delay period, ablation switches).
+    """
+
+    name: Literal["noise2grad", "supervised", "noise2noise"] = "noise2grad"
+    noise2grad: Noise2GradOptions = field(default_factory=Noise2GradOptions)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam with a constant learning rate, then linear decay to 0 (the paper's schedule).
+
+    Attributes:
+        steps: total optimiser steps.
+        batch_size: crops per step and per process.
+        lr: learning rate (paper: 2e-4).
+        betas: Adam betas (paper: 0.5, 0.999).
+        decay_start: fraction of ``steps`` after which the learning rate decays linearly to 0.
+    """
+
+    steps: int = 10000
+    batch_size: int = 1
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    decay_start: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be ≥ 1")
+        _positive(self.lr, "lr")
+        if not 0.0 <= self.decay_start <= 1.0:
+            raise ValueError(f"decay_start is a fraction of the steps in [0, 1], got {self.decay_start}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Bookkeeping of a run.
+
+    Attributes:
+        out_dir: run folder (checkpoints, logs).
+        seed: base seed (model init, crops, masks); ranks derive their own from it.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling).
+        threads: CPU threads for torch (0 = torch's default).
+        log_every: steps between log rows.
+        checkpoint_every: steps between checkpoints (``last.pt``).
+        validate_every: steps between validations (keeps ``best.pt``); 0 disables.
+        tensorboard: also write TensorBoard event files (``pip install n2g-ct[tensorboard]``).
+    """
+
+    out_dir: Path = Path("runs/train")
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    threads: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    validate_every: int = 500
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.checkpoint_every < 1 or self.validate_every < 0 or self.threads < 0:
+            raise ValueError("log_every and checkpoint_every must be ≥ 1; validate_every and threads ≥ 0")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``n2g-ct train`` needs; see the section classes for the fields."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        data, name = self.data, self.method.name
+        if name == "noise2grad" and data.manifest is None and not (data.noisy and data.clean):
+            raise ValueError("noise2grad needs data.noisy and data.clean pools (or data.manifest + data.split)")
+        if name in ("supervised", "noise2noise") and not data.paired:
+            raise ValueError(f"{name} needs data.paired training pairs")

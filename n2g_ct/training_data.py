@@ -1,0 +1,98 @@
+"""The trainer's data: crop batches per step and periodic validation, from a config's data section."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from n2g_ct.cache import VolumeCache
+from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream
+from n2g_ct.manifest import SliceSelection, load_split
+from n2g_ct.metrics import WINDOWS, psnr, ssim
+from n2g_ct.train_config import DataConfig, TrainConfig
+from n2g_ct.transforms import Keys
+
+Validation = Callable[[nn.Module], dict[str, float]]
+
+
+def _pools(data: DataConfig) -> tuple[tuple[SliceSelection, ...], tuple[SliceSelection, ...]]:
+    if data.manifest is None:
+        return data.noisy, data.clean
+    split = load_split(data.manifest, data.split, data.data_root)
+    return split.noisy, split.clean
+
+
+def _rank0_first(rank: int, world_size: int, build: Callable[[], object]) -> object:
+    """``build()`` on rank 0 first (it fills the cache), then on the other ranks (they reuse it)."""
+    if world_size > 1 and rank != 0:
+        dist.barrier()
+    result = build()
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    return result
+
+
+def build_training_batches(
+    config: TrainConfig, rank: int = 0, world_size: int = 1, first_step: int = 1
+) -> Iterator[dict[str, Tensor]]:
+    """Endless batches for steps ``first_step, first_step + 1, ...`` of this rank.
+
+    Noise2Grad batches hold ``noisy`` and ``clean`` (independent draws from the two pools); the
+    supervised and Noise2Noise batches hold aligned ``input`` and ``target`` crops. Each is
+    (B, C, h, w) float32 in [0, 1]. The batch of step ``t`` depends only on (seed, rank, t).
+    """
+    data = config.data
+    options = dict(
+        batch_size=config.optim.batch_size,
+        crop_size=(data.crop_size, data.crop_size),
+        window_hu=data.window_hu,
+        seed=config.run.seed,
+        rank=rank,
+        world_size=world_size,
+        start=first_step - 1,
+        cache=VolumeCache(data.cache_dir),
+    )
+    if config.method.name == "noise2grad":
+        noisy, clean = _pools(data)
+        keys = ("noisy", "clean")
+        stream = _rank0_first(rank, world_size, lambda: UnpairedCropStream(noisy, clean, **options))
+    else:
+        keys = ("input", "target")
+        stream = _rank0_first(rank, world_size, lambda: PairedCropStream(data.paired, **options))
+    loader = DataLoader(stream, batch_size=None, num_workers=data.num_workers,
+                        persistent_workers=data.num_workers > 0)
+    for batch in loader:
+        yield dict(zip(keys, batch))
+
+
+def build_validation(data: DataConfig, device: torch.device) -> Validation | None:
+    """A function scoring the denoiser on the validation slices, or None when none are configured.
+
+    It returns the mean PSNR (dB) and SSIM over the slices in both windows of
+    :mod:`n2g_ct.metrics` (keys ``psnr_display``, ``ssim_display``, ``psnr_full``, ``ssim_full``).
+    """
+    if not data.validation:
+        return None
+    dataset = PairedSliceDataset(data.validation, window_hu=data.window_hu, cache=VolumeCache(data.cache_dir))
+    count = len(dataset) if data.validation_slices == 0 else min(data.validation_slices, len(dataset))
+    subset = Subset(dataset, np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist())
+    low, high = data.window_hu
+
+    @torch.no_grad()
+    def validate(denoiser: nn.Module) -> dict[str, float]:
+        denoiser.eval()
+        scores: dict[str, list[Tensor]] = {}
+        for item in DataLoader(subset, batch_size=1):
+            output = denoiser(item[Keys.LOW_DOSE].to(device)).float().cpu()
+            output_hu = output.clamp(0, 1) * (high - low) + low
+            for window in WINDOWS:
+                scores.setdefault(f"psnr_{window.name}", []).append(psnr(output_hu, item[Keys.REFERENCE_HU], window))
+                scores.setdefault(f"ssim_{window.name}", []).append(ssim(output_hu, item[Keys.REFERENCE_HU], window))
+        return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
+
+    return validate

@@ -1,0 +1,197 @@
+"""The trainer: learning on an unpaired problem, exact resume, schedules, checkpoints, DDP, CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import n2g_ct.train as train_module
+from factories import correlated_noise, smooth_images, write_ct_series
+from n2g_ct.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from n2g_ct.config import from_dict
+from n2g_ct.errors import ConfigError, InputError
+from n2g_ct.metrics import DISPLAY_WINDOW, psnr
+from n2g_ct.noise2grad import uses_gradient_loss
+from n2g_ct.train import TrainingInterrupted, train
+from n2g_ct.train_config import TrainConfig
+
+SIZE = 48
+NOISE_HU = 120.0
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """An unpaired problem: noisy pool (smooth images + correlated noise), unrelated clean pool, paired test."""
+    root = tmp_path_factory.mktemp("synthetic")
+    noisy_pool = smooth_images(6, SIZE, seed=1) + correlated_noise((6, SIZE, SIZE), NOISE_HU, seed=4)
+    test_reference = smooth_images(3, SIZE, seed=3)
+    test_low = test_reference + correlated_noise((3, SIZE, SIZE), NOISE_HU, seed=5)
+    for name, hu in [("noisy", noisy_pool), ("clean", smooth_images(6, SIZE, seed=2)),
+                     ("test_low", test_low), ("test_ref", test_reference)]:
+        write_ct_series(root / name, np.round(hu))
+    return root
+
+
+def make_config(root: Path, out: Path, **sections) -> TrainConfig:
+    data = {
+        "data": {
+            "noisy": [{"series": str(root / "noisy")}],
+            "clean": [{"series": str(root / "clean")}],
+            "paired": [{"low_dose": str(root / "test_low"), "reference": str(root / "test_ref")}],
+            "validation": [{"low_dose": str(root / "test_low"), "reference": str(root / "test_ref")}],
+            "window_hu": [-500, 500],
+            "crop_size": 32,
+            "cache_dir": str(root / "cache"),
+        },
+        "model": {"base_width": 8},
+        "method": {"noise2grad": {"period": 4}},
+        "optim": {"steps": 12, "batch_size": 2},
+        "run": {"out_dir": str(out), "log_every": 1, "checkpoint_every": 100, "validate_every": 0},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return from_dict(TrainConfig, data)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_noise2grad_raises_psnr_over_the_noisy_input(synthetic, tmp_path):
+    config = make_config(synthetic, tmp_path / "run", optim={"steps": 300, "batch_size": 8, "lr": 1e-3},
+                         method={"noise2grad": {"period": 50}}, run={"validate_every": 300, "log_every": 50})
+    train(config, progress=False)
+    from n2g_ct.io import read_volume
+
+    low = torch.from_numpy(read_volume(synthetic / "test_low").hu)[:, None]
+    reference = torch.from_numpy(read_volume(synthetic / "test_ref").hu)[:, None]
+    noisy_psnr = float(psnr(low, reference, DISPLAY_WINDOW).mean())
+    trained_psnr = float(read_rows(tmp_path / "run" / "validation.csv")[-1]["psnr_display"])
+    assert trained_psnr > noisy_psnr + 1.0, (noisy_psnr, trained_psnr)
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+def test_gradient_loss_is_logged_on_exactly_the_scheduled_steps(synthetic, tmp_path):
+    config = make_config(synthetic, tmp_path / "run", optim={"steps": 20})
+    train(config, progress=False)
+    rows = read_rows(tmp_path / "run" / "train_log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    with_grad = [int(r["step"]) for r in rows if r["grad_loss"]]
+    assert with_grad == [t for t in range(1, 21) if uses_gradient_loss(t, 4)]
+    assert with_grad != list(range(1, 21))  # the delay really skips steps here
+
+
+def test_learning_rate_is_constant_then_decays_linearly_to_zero(synthetic, tmp_path):
+    train(make_config(synthetic, tmp_path / "run", optim={"steps": 10, "lr": 1e-3}), progress=False)
+    lrs = [float(r["lr"]) for r in read_rows(tmp_path / "run" / "train_log.csv")]
+    # the lr each of steps 1..10 used: constant over the first half, then falling by lr/5 per step
+    np.testing.assert_allclose(lrs, [1e-3] * 6 + [8e-4, 6e-4, 4e-4, 2e-4], atol=1e-12)
+
+
+def test_resume_after_sigint_reproduces_the_uninterrupted_run(synthetic, tmp_path, monkeypatch):
+    settings = {"validate_every": 4}
+    train(make_config(synthetic, tmp_path / "straight", run=settings), progress=False)
+
+    interrupted = make_config(synthetic, tmp_path / "resumed", run=settings)
+    original_step = train_module._train_step
+
+    def step_then_interrupt(trainer, batch):
+        result = original_step(trainer, batch)
+        if trainer.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # caught: the loop saves and stops after this step
+        return result
+
+    monkeypatch.setattr(train_module, "_train_step", step_then_interrupt)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(interrupted, progress=False)
+    assert info.value.step == 5 and info.value.signum == signal.SIGINT
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 5
+    monkeypatch.setattr(train_module, "_train_step", original_step)
+    train(interrupted, resume=True, progress=False)
+
+    def losses(run, log):
+        return [(r["step"], r.get("loss"), r.get("grad_loss"), r.get("psnr_display"))
+                for r in read_rows(tmp_path / run / log)]
+
+    for log in ("train_log.csv", "validation.csv"):
+        assert losses("resumed", log) == losses("straight", log)
+    final = [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["denoiser"] for run in ("straight", "resumed")]
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key])
+
+
+def test_checkpoint_is_safe_to_load_and_complete(synthetic, tmp_path):
+    train(make_config(synthetic, tmp_path / "run", optim={"steps": 3}), progress=False)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 3
+    for key in ("denoiser", "noise_approximator", "optimizer", "scheduler", "config", "versions"):
+        assert state[key], key
+    assert state["config"]["model"]["base_width"] == 8
+    assert not list(path.parent.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_damaged_foreign_or_missing_checkpoints_get_clear_errors(synthetic, tmp_path):
+    config = make_config(synthetic, tmp_path / "run", optim={"steps": 2})
+    with pytest.raises(InputError, match="checkpoint not found"):
+        train(config, resume=True, progress=False)
+    train(config, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        train(config, progress=False)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(InputError, match="not a readable n2g-ct checkpoint"):
+        train(config, resume=True, progress=False)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(InputError, match="not an n2g-ct checkpoint"):
+        train(config, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("method", ["supervised", "noise2noise"])
+def test_baselines_train_the_same_denoiser_on_pairs(synthetic, tmp_path, method):
+    config = make_config(synthetic, tmp_path / "run", method={"name": method}, optim={"steps": 4})
+    train(config, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["noise_approximator"] is None
+    rows = read_rows(tmp_path / "run" / "train_log.csv")
+    assert len(rows) == 4 and all(r["grad_loss"] == "" for r in rows) and "g_weight" not in rows[0]
+
+
+def write_yaml(config: TrainConfig, path: Path) -> Path:
+    from n2g_ct.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    return path
+
+
+def test_two_cpu_processes_train_with_ddp_and_gloo(synthetic, tmp_path):
+    config_path = write_yaml(make_config(synthetic, tmp_path / "run", optim={"steps": 6}), tmp_path / "train.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "n2g_ct.cli", "train", str(config_path), "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(tmp_path / "run" / "train_log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))  # one writer: rank 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["world_size"] == 2
+
+
+def test_cli_reports_config_errors_without_traceback(synthetic, tmp_path):
+    config_path = write_yaml(make_config(synthetic, tmp_path / "run"), tmp_path / "train.yaml")
+    result = subprocess.run([sys.executable, "-m", "n2g_ct.cli", "train", str(config_path), "optim.steps=0",
+                             "data.crop_size=huge"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "data.crop_size: expected int, got 'huge'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing ran
