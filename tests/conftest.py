@@ -4,8 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One intra-op thread: OpenMP threads that spin while another process holds the cores slow tiny
+# models down tenfold or more on a busy 2-core machine; one thread keeps test times predictable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["cpu", "cuda"])
