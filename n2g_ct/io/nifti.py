@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -57,3 +58,39 @@ def read_nifti(path: Path) -> CTVolume:
         source_paths=[path],
         nifti_header=image.header.copy(),
     )
+
+
+def write_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> int:
+    """Write ``hu`` (z, y, x) to ``path`` with the header of the NIfTI file ``template`` was read from.
+
+    Everything in the header stays: class (NIfTI-1/2), affine, qform/sform and their codes, units,
+    description, intent, data type and scaling. An integer data type stores
+    ``round((HU − scl_inter) / scl_slope)`` clipped to the type's range; a float type stores HU.
+
+    Returns:
+        The number of voxels clipped to the data type's range.
+
+    Raises:
+        InputError: ``template`` was not read from a NIfTI file, or its shape differs from ``hu``'s.
+    """
+    from n2g_ct.io.dicom_writer import hu_to_stored
+
+    if template.nifti_header is None or not template.source_paths:
+        raise InputError("a NIfTI output needs a volume read from NIfTI (its header is the template)")
+    if hu.shape != template.shape:
+        raise InputError(f"volume of shape {hu.shape} for a template of shape {template.shape}")
+    source: Any = nib.load(template.source_paths[0])  # a Nifti1Image or Nifti2Image
+    slope, inter = float(source.dataobj.slope), float(source.dataobj.inter)
+    header = template.nifti_header.copy()
+    dtype = header.get_data_dtype()
+    data = hu.transpose(2, 1, 0)
+    clipped = 0
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        data, clipped = hu_to_stored(data, slope, inter, (int(info.min), int(info.max)), dtype)
+    else:
+        data = ((data - inter) / slope).astype(dtype)
+    image = type(source)(data, None, header)
+    image.header.set_slope_inter(slope, inter)  # kept as given: nibabel then writes the values unscaled
+    image.to_filename(path)
+    return clipped

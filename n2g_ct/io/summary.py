@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from n2g_ct.errors import InputError
 from n2g_ct.io.dicom import DicomSeries, read_dicom_series, scan_dicom

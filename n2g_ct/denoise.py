@@ -1,0 +1,442 @@
+"""Batch denoising: every series or volume found in the inputs → a derived DICOM series or a NIfTI file.
+
+Inputs are series folders, folder trees (searched recursively: each DICOM series and each NIfTI file
+is one job), single DICOM files, NIfTI files, or manifests (the low-dose series of one split: its
+test pairs' low-dose series and its noisy pool, each whole). Outputs mirror the inputs below OUT::
+
+    folder IN (tree or series)  → OUT/<IN name>/<series folder relative to IN>/IM00000.dcm ...
+    several series in a folder  → OUT/<IN name>/<folder>/<source SeriesInstanceUID>/
+    DICOM file F                → OUT/<F stem>/
+    NIfTI file N                → OUT/<N name>            (in a tree: OUT/<IN name>/<relative path>)
+    manifest                    → as a folder IN, IN being the manifest's data root
+
+plus ``OUT/denoise_summary.csv``: one row per job (input, series UID, output, slices, status
+``done``/``skipped``/``failed``, seconds, clipped voxels, message), rewritten after each job.
+
+Safety: a job is written to a hidden ``.<name>.partial-<pid>`` sibling of its output and renamed
+into place when complete, so an output that exists is complete; a re-run skips it (``overwrite``
+redoes it) after checking that it was made from the same series with the same model. Inputs are
+only read: OUT inside an input, or any output landing inside one, is refused before anything is
+written. A job that fails is reported and the others go on. One run per OUT at a time.
+
+DICOM series stream through memory ``max(batch_size, 32)`` slices at a time, so host memory does
+not grow with the series length; NIfTI volumes are read whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.misc import is_dicom
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from n2g_ct.checkpoint import file_sha256, load_checkpoint
+from n2g_ct.errors import ConfigError, InputError, N2GError
+from n2g_ct.inference import DEFAULT_BATCH_SIZE, Denoiser, denoise_volume, denoiser_from_checkpoint
+from n2g_ct.io.dicom import DicomSeries, _check_gaps, read_dicom_series, scan_dicom
+from n2g_ct.io.dicom_writer import Derivation, DerivedSeriesWriter
+from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
+from n2g_ct.io.volume import CTVolume
+from n2g_ct.manifest import load_manifest, write_atomic
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "denoise_summary.csv"
+SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "message")
+READ_CHUNK_SLICES = 32
+"""DICOM slices decoded at a time (at least one batch)."""
+_PARTIAL = ".partial-"
+_MANIFEST_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One series or volume to denoise.
+
+    Attributes:
+        source: series folder (DICOM file for a single-file input) or NIfTI file.
+        output: the output folder (DICOM) or file (NIfTI).
+        slices: number of slices (progress), 0 when unknown.
+        series: the DICOM series from a header scan; ``None`` for NIfTI.
+    """
+
+    source: Path
+    output: Path
+    slices: int
+    series: DicomSeries | None = None
+
+
+@dataclass
+class Outcome:
+    """What happened to one job (a row of the summary CSV)."""
+
+    source: Path
+    output: Path | None
+    status: str = "failed"
+    slices: int = 0
+    series_uid: str = ""
+    seconds: float = 0.0
+    clipped: int = 0
+    message: str = ""
+
+    def row(self) -> dict[str, str]:
+        values = (self.source, self.series_uid, self.output or "", self.slices, self.status,
+                  f"{self.seconds:.2f}", self.clipped, self.message)
+        return dict(zip(SUMMARY_FIELDS, (str(v) for v in values)))
+
+
+@dataclass
+class DenoiseSummary:
+    """The outcome of every job of a run, and where the summary CSV is."""
+
+    outcomes: list[Outcome]
+    csv_path: Path
+
+    @property
+    def ok(self) -> bool:
+        """True when no job failed."""
+        return all(o.status != "failed" for o in self.outcomes)
+
+    def render(self) -> str:
+        """A few lines for the terminal: counts per status, the CSV, and each failure."""
+        counts = Counter(o.status for o in self.outcomes)
+        done = [o for o in self.outcomes if o.status == "done"]
+        head = (
+            f"{len(self.outcomes)} job(s): {counts['done']} done, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed ({sum(o.slices for o in done)} slice(s) denoised in "
+            f"{sum(o.seconds for o in done):.1f} s); summary: {self.csv_path}"
+        )
+        lines = [head]
+        lines += [f"failed: {o.source}: {o.message}" for o in self.outcomes if o.status == "failed"]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the jobs
+# --------------------------------------------------------------------------------------------------
+
+
+def _holds_dicom(path: Path) -> bool:
+    files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
+    return any(is_dicom(p) for p in files)
+
+
+def _scan_series(root: Path) -> tuple[list[DicomSeries], list[Outcome]]:
+    """Every DICOM series below ``root`` (headers only), and the folders that could not be scanned.
+
+    A folder whose scan fails as a whole (e.g. one series mixes slice sizes) and holds no DICOM file
+    itself is scanned again subfolder by subfolder, so that one bad series does not hide the
+    others. Folders without any DICOM file are not failures.
+    """
+    try:
+        return scan_dicom(root), []
+    except InputError as exc:
+        if root.is_dir():
+            subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            loose = any(is_dicom(p) for p in root.iterdir() if p.is_file())
+            if subfolders and not loose:
+                found: list[DicomSeries] = []
+                failed: list[Outcome] = []
+                for sub in subfolders:
+                    series, failures = _scan_series(sub)
+                    found += series
+                    failed += failures
+                return found, failed
+        return [], [Outcome(root, None, message=str(exc))] if _holds_dicom(root) else []
+
+
+def _nifti_job(path: Path, output: Path) -> Job:
+    try:
+        shape = nib.load(path).shape  # type: ignore[attr-defined]  # a SpatialImage
+    except Exception:  # unreadable: read_nifti reports why when the job runs
+        shape = ()
+    return Job(path, output, int(shape[2]) if len(shape) >= 3 else 0)
+
+
+def _discover(path: Path, target: Path) -> tuple[list[Job], list[Outcome]]:
+    """Jobs for one input path whose own output is ``target``, and what could not be scanned."""
+    if path.is_file() and is_nifti(path):
+        return [_nifti_job(path, target)], []
+    jobs = []
+    if path.is_dir():
+        niftis = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti(p))
+        jobs += [_nifti_job(p, target / p.relative_to(path)) for p in niftis]
+    series, failures = _scan_series(path)
+    per_folder = Counter(s.folder for s in series)
+    for s in series:
+        output = target if path.is_file() else target / s.folder.relative_to(path)
+        if per_folder[s.folder] > 1:
+            output = output / s.series_uid
+        jobs.append(Job(path if path.is_file() else s.folder, output, len(s), s))
+    if not jobs and not failures:
+        failures.append(Outcome(path, None, message="no DICOM series or NIfTI file found"))
+    return jobs, failures
+
+
+def _output_name(path: Path) -> str:
+    return path.name if path.is_dir() or is_nifti(path) else path.stem
+
+
+def _manifest_sources(path: Path, split: str | None) -> tuple[Path, list[Path]]:
+    """(data root, low-dose series of the split: test pairs' low-dose series, then the noisy pool)."""
+    manifest = load_manifest(path)
+    selection = manifest.split(split).selection()
+    sources = [pair.low_dose for pair in selection.test] + [entry.series for entry in selection.noisy]
+    return manifest.root.resolve(), [Path(p).resolve() for p in dict.fromkeys(sources)]
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None) -> tuple[list[Job], list[Outcome]]:
+    """The jobs for ``inputs`` with their outputs below ``out``, and the inputs that cannot be scanned.
+
+    Raises:
+        InputError: an input is missing, a manifest is invalid, ``out`` (or an output) lies inside
+            an input, or two jobs would write the same output.
+        ConfigError: unknown manifest split.
+    """
+    out = Path(out).expanduser().resolve()
+    jobs: list[Job] = []
+    failures: list[Outcome] = []
+    roots: list[Path] = []
+    for given in inputs:
+        path = Path(given).expanduser().resolve()
+        if not path.exists():
+            raise InputError(f"{given}: no such file or folder")
+        roots.append(path)
+        if path.is_file() and path.suffix.lower() in _MANIFEST_SUFFIXES:
+            root, sources = _manifest_sources(path, split)
+            roots.append(root)
+            for source in sources:
+                if not source.exists():
+                    failures.append(Outcome(source, None, message=f"listed in {path} but missing"))
+                    continue
+                relative = source.relative_to(root) if _is_inside(source, root) else Path(source.name)
+                found = _discover(source, out / root.name / relative.parent / _output_name(source))
+                jobs += found[0]
+                failures += found[1]
+        else:
+            found = _discover(path, out / _output_name(path))
+            jobs += found[0]
+            failures += found[1]
+    for root in roots:
+        if _is_inside(out, root):
+            raise InputError(f"--out {out} is inside the input {root}; inputs are never written to, choose another folder")
+        inside = [j for j in jobs if _is_inside(j.output, root)]
+        if inside:
+            raise InputError(f"the output {inside[0].output} would land inside the input {root}; choose another --out")
+    twice = [o for o, n in Counter(j.output for j in jobs).items() if n > 1]
+    if twice:
+        clashing = [str(j.source) for j in jobs if j.output == twice[0]]
+        raise InputError(f"{' and '.join(clashing)} would both be written to {twice[0]}; pass them in separate runs")
+    return jobs, failures
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one job
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_chunks(series: DicomSeries, size: int) -> Iterator[CTVolume]:
+    """Decode ``series`` ``size`` slices at a time with the series reader, in slice order.
+
+    The reader's gap rules hold for the whole series: the gaps are checked on every header position
+    first, and again on the slices decoded so far whenever an unusable file had to be skipped.
+    """
+    _check_gaps(series, series.positions_mm, [])
+    position = dict(zip(series.paths, series.positions_mm))
+    kept: list[float] = []
+    skipped: list[str] = []
+    for start in range(0, len(series), size):
+        part = replace(series, paths=series.paths[start : start + size],
+                       positions_mm=series.positions_mm[start : start + size], datasets=None)
+        chunk = read_dicom_series(part)
+        decoded = set(chunk.source_paths)
+        kept += [position[p] for p in chunk.source_paths]
+        skipped += [p.name for p in part.paths if p not in decoded]
+        if skipped:
+            _check_gaps(series, np.asarray(kept), skipped)
+        yield chunk
+
+
+def _denoise_dicom(job: Job, folder: Path, denoiser: Denoiser, derivation: Derivation, batch_size: int,
+                   on_slices: Callable[[int], None]) -> tuple[int, int]:
+    """Denoise a series into ``folder``; returns (slices written, voxels clipped)."""
+    assert job.series is not None
+    writer = DerivedSeriesWriter(folder, derivation, job.series.series_uid)
+    for chunk in _read_chunks(job.series, max(batch_size, READ_CHUNK_SLICES)):
+        hu = denoise_volume(denoiser, chunk.hu, batch_size=batch_size, keep=chunk.padding_mask, out=chunk.hu,
+                            on_batch=on_slices)
+        writer.write(chunk.datasets, hu)
+    writer.finish()
+    return writer.slices, writer.clipped
+
+
+def _denoise_nifti(job: Job, path: Path, denoiser: Denoiser, batch_size: int,
+                   on_slices: Callable[[int], None]) -> tuple[int, int]:
+    """Denoise a NIfTI volume (whole) into the file ``path``; returns (slices, voxels clipped)."""
+    volume = read_nifti(job.source)
+    hu = denoise_volume(denoiser, volume.hu, batch_size=batch_size, out=volume.hu, on_batch=on_slices)
+    return len(hu), write_nifti(path, hu, volume)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _staged(output: Path) -> Iterator[Path]:
+    """A temporary sibling of ``output`` to write to; renamed to ``output`` on success, else removed.
+
+    Partial outputs left by a killed run (``.<name>.partial-*``) are removed first.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{output.name}{_PARTIAL}"
+    for stale in output.parent.iterdir():
+        if stale.name.startswith(prefix):
+            _remove(stale)
+    suffix = "".join(output.suffixes[-2:]) if is_nifti(output) else ""
+    staging = output.parent / f"{prefix}{os.getpid()}{suffix}"
+    try:
+        yield staging
+        if output.is_dir():
+            old = output.parent / f"{prefix}{os.getpid()}.old"
+            os.rename(output, old)
+            try:
+                os.rename(staging, output)
+            except BaseException:
+                os.rename(old, output)
+                raise
+            _remove(old)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            _remove(staging)
+
+
+def _check_complete(job: Job, derivation: Derivation) -> None:
+    """Raise unless the existing output of a DICOM job is this series made with this model/version."""
+    if job.series is None:
+        return
+    expected = derivation.uid("series", job.series.series_uid)
+    first = min(job.output.glob("*.dcm"), default=None)
+    found = pydicom.dcmread(first, stop_before_pixels=True).get("SeriesInstanceUID") if first else None
+    if found != expected:
+        raise InputError(
+            f"{job.output} exists but was not made from this series with this model, precision and n2g-ct "
+            "version; pass --overwrite to replace it"
+        )
+
+
+def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: int, overwrite: bool,
+             progress: bool) -> Outcome:
+    series_uid = job.series.series_uid if job.series else ""
+    outcome = Outcome(job.source, job.output, slices=job.slices, series_uid=series_uid)
+    start = time.perf_counter()
+    try:
+        if job.output.exists() and not overwrite:
+            _check_complete(job, derivation)
+            outcome.status, outcome.message = "skipped", "output exists (complete); --overwrite redoes it"
+            return outcome
+        with tqdm(total=job.slices, unit="slice", desc=job.output.name[-24:], leave=False,
+                  disable=not progress, dynamic_ncols=True) as bar, _staged(job.output) as staging:
+            if job.series is not None:
+                slices, clipped = _denoise_dicom(job, staging, denoiser, derivation, batch_size, bar.update)
+            else:
+                slices, clipped = _denoise_nifti(job, staging, denoiser, batch_size, bar.update)
+        outcome.status, outcome.slices, outcome.clipped = "done", slices, clipped
+        log.info("%s → %s: %d slice(s) in %.1f s", job.source, job.output, slices, time.perf_counter() - start)
+    except N2GError as exc:
+        outcome.message = str(exc)
+        log.error("%s: %s", job.source, exc)
+    except Exception as exc:  # a batch run reports the job and goes on with the others
+        outcome.message = f"{type(exc).__name__}: {exc}"
+        log.exception("%s: unexpected error", job.source)
+    finally:
+        outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _write_summary(path: Path, outcomes: Sequence[Outcome]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(o.row() for o in outcomes)
+    write_atomic(path, text.getvalue())
+
+
+def denoise_inputs(
+    inputs: Sequence[Path],
+    out: Path,
+    model: Path | None,
+    *,
+    split: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    amp: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DenoiseSummary:
+    """Denoise every series / volume found in ``inputs`` into ``out`` (layout: module docstring).
+
+    Args:
+        inputs: series folders, folder trees, DICOM files, NIfTI files or manifest YAML files.
+        out: output folder (created); must not lie inside an input.
+        model: checkpoint written by ``n2g-ct train``.
+        split: manifest split whose low-dose series are denoised (default: the manifest's default).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: slices per forward pass (default: :data:`n2g_ct.inference.DEFAULT_BATCH_SIZE`).
+        amp: float16 autocast on CUDA.
+        overwrite: redo jobs whose output exists.
+        progress: progress bars (jobs, and slices of the current job) on stderr.
+
+    Returns:
+        The outcome per job; ``ok`` is False when any failed. The CSV is written after each job.
+
+    Raises:
+        InputError / ConfigError: no model, unreadable checkpoint, missing input, unsafe ``out``,
+            bad batch size; nothing is written then.
+    """
+    if model is None:
+        raise InputError("no default model shipped yet; pass --model CHECKPOINT (a .pt file written by n2g-ct train)")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
+    state = load_checkpoint(model)
+    denoiser = denoiser_from_checkpoint(state, device=device, amp=amp, source=str(model))
+    del state
+    derivation = Derivation(denoiser.method, file_sha256(model), denoiser.precision)
+    batch_size = batch_size or DEFAULT_BATCH_SIZE[denoiser.device.type]
+    jobs, outcomes = plan_jobs(inputs, out, split=split)
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = DenoiseSummary(outcomes, out / SUMMARY_NAME)
+    log.info("%d job(s) on %s, batch size %d, %s; model %s (sha256 %s)", len(jobs), denoiser.device, batch_size,
+             denoiser.precision, model, derivation.checkpoint_sha256[:12])
+    _write_summary(summary.csv_path, summary.outcomes)
+    with logging_redirect_tqdm(), tqdm(total=len(jobs), unit="series", desc="series", disable=not progress,
+                                       dynamic_ncols=True) as bar:
+        for job in jobs:
+            summary.outcomes.append(_run_job(job, denoiser, derivation, batch_size, overwrite, progress))
+            _write_summary(summary.csv_path, summary.outcomes)
+            bar.update()
+    return summary

@@ -1,0 +1,153 @@
+"""Apply a trained denoiser F to CT slices in HU, a batch of slices at a time (no file IO).
+
+The network sees each slice windowed to [0, 1] with the checkpoint's ``data.window_hu = [low, high]``,
+``clip((hu − low) / (high − low), 0, 1)``, and its output maps back to HU as ``out·(high − low) + low``.
+Only one batch of slices is on the device at any time, so a series of any length fits; the U-Net
+takes any in-plane size. On CUDA the forward pass runs under float16 autocast by default (float16
+rather than bfloat16: its 10-bit mantissa keeps the HU error near 1 HU over a 4096 HU window, where
+bfloat16's 7 bits would give about 8 HU).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from n2g_ct.errors import InputError, N2GError
+from n2g_ct.models import build_denoiser
+from n2g_ct.train import Processes, select_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 8}
+"""Slices per forward pass when none is given. On CPU one 512² slice at a time is the fastest per
+slice (measured on 2 cores: 0.47 s/slice at 1, 0.63 at 4, 1.05 at 8; larger batches leave the cache)."""
+
+
+@dataclass
+class Denoiser:
+    """The denoiser F of a checkpoint on its device, with the HU window it was trained on.
+
+    Attributes:
+        network: F, in eval mode, on ``device``; maps (B, 1, H, W) in [0, 1] to the same shape.
+        window_hu: (low, high) HU mapped to [0, 1] for the network.
+        method: training method recorded in the checkpoint (e.g. ``noise2grad``).
+        device: where the forward pass runs.
+        amp: float16 autocast for the forward pass (CUDA only).
+    """
+
+    network: nn.Module
+    window_hu: tuple[float, float]
+    method: str
+    device: torch.device
+    amp: bool = False
+
+    @property
+    def precision(self) -> str:
+        """``fp16`` (autocast) or ``fp32``: outputs of the two differ by up to about 1 HU."""
+        return "fp16" if self.amp else "fp32"
+
+    @torch.inference_mode()
+    def __call__(self, hu: np.ndarray) -> np.ndarray:
+        """Denoise one batch of slices: (n, y, x) HU → (n, y, x) float32 HU, on the device at once.
+
+        Raises:
+            N2GError: the network produced NaN or Inf (e.g. a float16 overflow; retry without amp).
+        """
+        low, high = self.window_hu
+        batch = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)).to(self.device, non_blocking=True)
+        batch = ((batch[:, None] - low) / (high - low)).clamp_(0.0, 1.0)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with autocast:
+            out = self.network(batch)
+        out = out[:, 0].float() * (high - low) + low
+        if not torch.isfinite(out).all():
+            raise N2GError(
+                f"the network produced NaN/Inf values (precision {self.precision})"
+                + ("; run again without mixed precision (--no-amp)" if self.amp else "")
+            )
+        return out.cpu().numpy()
+
+
+def denoiser_from_checkpoint(
+    state: Mapping[str, Any], *, device: str = "auto", amp: bool = True, source: str = "checkpoint"
+) -> Denoiser:
+    """Rebuild F from a loaded checkpoint (:func:`n2g_ct.checkpoint.load_checkpoint`).
+
+    Args:
+        state: the checkpoint dict: ``config`` (``data.window_hu``, ``model.channels``,
+            ``model.base_width``, ``model.depth``, ``method.name``) and ``denoiser`` (state dict).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: float16 autocast when the device is CUDA (ignored on CPU).
+        source: the checkpoint's name in error messages.
+
+    Raises:
+        InputError: the checkpoint lacks these entries, is not for 1-channel CT, or its weights do
+            not fit the U-Net its config describes.
+        ConfigError: CUDA requested but not available.
+    """
+    try:
+        config = state["config"]
+        low, high = (float(v) for v in config["data"]["window_hu"])
+        model = config["model"]
+        channels, base_width, depth = int(model["channels"]), int(model["base_width"]), int(model["depth"])
+        method = str(config["method"]["name"])
+        weights = state["denoiser"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{source}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
+    if channels != 1:
+        raise InputError(f"{source}: the model has {channels} channels; CT denoising needs a 1-channel model")
+    if not high > low:
+        raise InputError(f"{source}: data.window_hu must be [low, high] with low < high, got {[low, high]}")
+    network = build_denoiser(channels, channels, base_width, depth)
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise InputError(f"{source}: the weights do not fit a U-Net of width {base_width}, depth {depth} ({exc})") from None
+    torch_device = select_device(device, Processes())
+    network.to(torch_device).eval()
+    return Denoiser(network, (low, high), method, torch_device, amp=amp and torch_device.type == "cuda")
+
+
+def denoise_volume(
+    denoiser: Denoiser,
+    hu: np.ndarray,
+    *,
+    batch_size: int = 1,
+    keep: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Denoise a stack of slices, ``batch_size`` slices per forward pass.
+
+    Args:
+        denoiser: see :func:`denoiser_from_checkpoint`.
+        hu: (z, y, x) HU, any number of slices and any in-plane size.
+        batch_size: slices on the device at once.
+        keep: bool (z, y, x), True where the input is returned unchanged (CT padding outside the
+            field of view stays padding).
+        out: float32 (z, y, x) array to fill; may be ``hu`` itself (denoised in place).
+        on_batch: called with the number of slices after each batch (progress).
+
+    Returns:
+        float32 (z, y, x) denoised HU (``out`` when given).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    out = np.empty(hu.shape, np.float32) if out is None else out
+    for start in range(0, len(hu), batch_size):
+        stop = min(start + batch_size, len(hu))
+        denoised = denoiser(hu[start:stop])
+        if keep is not None:
+            np.copyto(denoised, hu[start:stop], where=keep[start:stop])
+        out[start:stop] = denoised
+        if on_batch is not None:
+            on_batch(stop - start)
+    return out

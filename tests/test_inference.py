@@ -1,0 +1,109 @@
+"""Inference: HU windowing and back-mapping, batching that never holds more than a batch on the device,
+any in-plane size, padding kept, checkpoints rebuilt or refused with clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from denoise_factories import WINDOW_HU, tiny_checkpoint
+from factories import phantom_hu
+from n2g_ct.checkpoint import load_checkpoint
+from n2g_ct.errors import InputError, N2GError
+from n2g_ct.inference import Denoiser, denoise_volume, denoiser_from_checkpoint
+
+
+class Recorder(nn.Module):
+    """Identity network that records the batch shapes it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return x
+
+
+def test_identity_network_returns_the_input_clipped_to_the_window():
+    denoiser = Denoiser(Recorder(), (-1000.0, 1000.0), "test", torch.device("cpu"))
+    hu = np.array([[[-3000.0, -1000.0, -250.5, 0.0, 999.0, 1500.0]]], np.float32)
+    out = denoise_volume(denoiser, hu)
+    np.testing.assert_allclose(out, np.clip(hu, -1000, 1000), atol=1e-3)
+    assert out.dtype == np.float32 and hu[0, 0, 0] == -3000.0, "the input is not modified"
+
+
+def test_never_more_than_one_batch_on_the_device_for_a_1000_slice_series():
+    network = Recorder()
+    denoiser = Denoiser(network, WINDOW_HU, "test", torch.device("cpu"))
+    hu = np.random.default_rng(0).uniform(-1000, 2000, (1000, 6, 5)).astype(np.float32)
+    progress = []
+    out = denoise_volume(denoiser, hu, batch_size=7, on_batch=progress.append)
+    assert max(s[0] for s in network.shapes) == 7 and len(network.shapes) == 143
+    assert all(s[1:] == (1, 6, 5) for s in network.shapes)
+    assert sum(progress) == 1000
+    np.testing.assert_allclose(out, hu, atol=1e-3)  # slice order kept
+
+
+def test_in_place_output_and_padding_kept():
+    denoiser = Denoiser(lambda x: torch.full_like(x, 0.5), WINDOW_HU, "test", torch.device("cpu"))
+    hu = phantom_hu((3, 9, 11))
+    keep = np.zeros(hu.shape, bool)
+    keep[:, :2] = True
+    expected_kept = hu[keep].copy()
+    out = denoise_volume(denoiser, hu, batch_size=2, keep=keep, out=hu)
+    assert out is hu
+    np.testing.assert_array_equal(out[keep], expected_kept)
+    np.testing.assert_allclose(out[~keep], 0.5 * 4096 - 1024)
+
+
+def test_unet_result_does_not_depend_on_batch_size_and_takes_odd_sizes(tmp_path, device):
+    state = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
+    denoiser = denoiser_from_checkpoint(state, device=str(device))
+    hu = phantom_hu((5, 37, 23))
+    outputs = [denoise_volume(denoiser, hu, batch_size=b) for b in (1, 2, 5)]
+    assert outputs[0].shape == hu.shape
+    tolerance = 2.0 if denoiser.amp else 1e-2  # HU; float16 autocast on CUDA
+    for other in outputs[1:]:
+        np.testing.assert_allclose(other, outputs[0], atol=tolerance)
+    assert not np.allclose(outputs[0], hu, atol=1.0), "an untrained U-Net changes the image"
+
+
+def test_checkpoint_rebuilds_the_trained_network(tmp_path):
+    path = tiny_checkpoint(tmp_path / "m.pt", base_width=4, depth=2, method="supervised", window_hu=(-500, 1500))
+    state = load_checkpoint(path)
+    denoiser = denoiser_from_checkpoint(state, device="cpu")
+    assert denoiser.window_hu == (-500.0, 1500.0) and denoiser.method == "supervised" and denoiser.precision == "fp32"
+    for name, tensor in denoiser.network.state_dict().items():
+        assert torch.equal(tensor, state["denoiser"][name]), name
+    assert not denoiser.network.training
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["config"]["model"].update(channels=3), "1-channel"),
+        (lambda s: s["config"]["model"].update(base_width=8), "do not fit"),
+        (lambda s: s["config"].pop("data"), "lacks"),
+        (lambda s: s["config"]["data"].update(window_hu=[100, 100]), "low < high"),
+    ],
+    ids=["rgb", "wrong-width", "no-window", "empty-window"],
+)
+def test_bad_checkpoints_are_refused_clearly(tmp_path, change, message):
+    state = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
+    change(state)
+    with pytest.raises(InputError, match=message):
+        denoiser_from_checkpoint(state, device="cpu", source="m.pt")
+
+
+def test_non_finite_output_is_an_error():
+    denoiser = Denoiser(lambda x: x * float("nan"), WINDOW_HU, "test", torch.device("cpu"))
+    with pytest.raises(N2GError, match="NaN"):
+        denoise_volume(denoiser, phantom_hu((1, 4, 4)))
+
+
+def test_amp_only_on_cuda(tmp_path):
+    state = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
+    assert denoiser_from_checkpoint(state, device="cpu", amp=True).amp is False
