@@ -37,13 +37,23 @@ SSIM_WINDOW_SIZE = 11
 SSIM_SIGMA = 1.5
 
 
-def psnr(prediction_hu: Tensor, reference_hu: Tensor, window: Window) -> Tensor:
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-image mean of (B, C, H, W) ``values`` over the True pixels of ``mask`` (all when None)."""
+    if mask is None:
+        return values.flatten(1).mean(dim=1)
+    weights = mask.to(values.dtype).expand_as(values).flatten(1)
+    return (values.flatten(1) * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def psnr(prediction_hu: Tensor, reference_hu: Tensor, window: Window, mask: Tensor | None = None) -> Tensor:
     """Peak signal-to-noise ratio in dB per image, both images clipped to ``window`` first.
 
     ``PSNR = 10·log10(R² / MSE)`` with ``R = window.data_range``.
 
     Args:
         prediction_hu, reference_hu: (B, C, H, W) HU.
+        mask: optional bool (B or 1, 1, H, W); the MSE is taken over its True pixels (e.g. the
+            field of view, keeping CT padding out).
 
     Returns:
         (B,) dB; ``inf`` where the clipped images are identical.
@@ -54,15 +64,17 @@ def psnr(prediction_hu: Tensor, reference_hu: Tensor, window: Window) -> Tensor:
     """
     p = prediction_hu.float().clamp(window.low, window.high)
     r = reference_hu.float().clamp(window.low, window.high)
-    mse = (p - r).pow(2).flatten(1).mean(dim=1)
+    mse = _masked_mean((p - r).pow(2), mask)
     return 10 * torch.log10(window.data_range**2 / mse)
 
 
-def ssim(prediction_hu: Tensor, reference_hu: Tensor, window: Window) -> Tensor:
+def ssim(prediction_hu: Tensor, reference_hu: Tensor, window: Window, mask: Tensor | None = None) -> Tensor:
     """Structural similarity per image, both images clipped to ``window`` (see module docstring).
 
     Args:
         prediction_hu, reference_hu: (B, C, H, W) HU, H and W ≥ 11.
+        mask: optional bool (B or 1, 1, H, W); the SSIM map is averaged over its True pixels. The
+            map, like skimage's, leaves out the 5-pixel border where the 11-pixel window does not fit.
 
     Returns:
         (B,) SSIM in [-1, 1].
@@ -79,4 +91,6 @@ def ssim(prediction_hu: Tensor, reference_hu: Tensor, window: Window) -> Tensor:
         kernel_sigma=(SSIM_SIGMA, SSIM_SIGMA),
         data_range=window.data_range,
     )
-    return ssim_map.flatten(1).mean(dim=1)
+    border = SSIM_WINDOW_SIZE // 2
+    inner = None if mask is None else mask[..., border:-border, border:-border]
+    return _masked_mean(ssim_map, inner)

@@ -1,0 +1,331 @@
+"""Evaluation outputs: per-slice CSV, summary JSON, Markdown and HTML reports with matplotlib figures.
+
+Input is what :mod:`n2g_ct.evaluate` produces: per-slice rows (one per slice and method), the
+summary dict (protocol, methods, mean ± std, NPS curves) and a few :class:`ExampleSlice` s. The
+report names slices by pair index and slice index only: never a patient name or ID, never a path.
+``report.md`` links the PNGs in ``figures/`` next to it; ``report.html`` embeds them (base64), so it
+is one self-contained file. matplotlib is imported inside the figure functions and draws on the
+Agg canvas without pyplot, so no global backend or figure state changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from n2g_ct.manifest import write_atomic
+from n2g_ct.metrics import DISPLAY_WINDOW, WINDOWS, Window
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+REFERENCE = "reference"
+DIFFERENCE_RANGE_HU = 100.0
+"""Difference maps (output − reference) are shown on [-100, 100] HU."""
+FIGURES_DIR = "figures"
+
+SUMMARY_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    *(column for w in WINDOWS for column in ((f"psnr_{w.name}", f"PSNR {w.name} [dB]", 2),
+                                             (f"ssim_{w.name}", f"SSIM {w.name}", 4))),
+    ("roi_noise_std_hu", "ROI noise std [HU]", 1),
+    ("roi_hu_bias_hu", "ROI HU bias [HU]", 2),
+)
+"""(metric key, column header, decimals) of the summary tables."""
+
+
+@dataclass(frozen=True)
+class ExampleSlice:
+    """One slice shown side by side in the report.
+
+    Attributes:
+        label: what the figure calls it, e.g. ``pair 0, slice 12`` (no patient data).
+        outputs: method name → (y, x) HU, in report order (the noisy input first).
+        reference: (y, x) HU.
+        roi_corners: (n, 2) top-left (row, column) corners of the uniform ROIs.
+        roi_size_px: ROI side in pixels.
+    """
+
+    label: str
+    outputs: Mapping[str, np.ndarray]
+    reference: np.ndarray
+    roi_corners: np.ndarray
+    roi_size_px: int
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented strict JSON (NaN/inf as null), atomically."""
+    write_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
+    """Write ``rows`` with columns ``fields`` (floats with 6 significant digits), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    write_atomic(path, buffer.getvalue())
+
+
+def _mean_std(stats: Mapping[str, Any] | None, decimals: int) -> str:
+    if not stats or stats.get("mean") is None or not math.isfinite(stats["mean"]):
+        return "–"
+    std = stats.get("std")
+    spread = f" ± {std:.{decimals}f}" if std is not None and math.isfinite(std) else ""
+    return f"{stats['mean']:.{decimals}f}{spread}"
+
+
+def summary_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of mean ± std per method, and the NPS mean frequency; the reference row
+    holds its own ROI noise and NPS."""
+    header = ["method", *(title for _, title, _ in SUMMARY_COLUMNS), "NPS mean freq [1/mm]"]
+    rows = []
+    for name, results in [*((m["name"], summary["results"].get(m["name"], {})) for m in summary["methods"]),
+                          (REFERENCE, summary["reference"])]:
+        frequency = summary["nps"].get(name, {}).get("mean_frequency_per_mm")
+        rows.append([name, *(_mean_std(results.get(key), d) for key, _, d in SUMMARY_COLUMNS),
+                     _mean_std({"mean": frequency}, 3)])
+    return header, rows
+
+
+def render_text(summary: Mapping[str, Any]) -> str:
+    """The summary table as fixed-width text (for the terminal)."""
+    header, rows = summary_table(summary)
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    """A matplotlib figure on the Agg canvas, outside pyplot (no global backend or figure state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _zoom_box(reference: np.ndarray) -> tuple[int, int, int]:
+    """(row, column, side) of a square a quarter of the slice wide, centred on the tissue."""
+    side = max(8, min(reference.shape) // 4)
+    tissue = np.argwhere(reference > -500.0)
+    centre = tissue.mean(axis=0) if len(tissue) else np.asarray(reference.shape) / 2
+    row, col = (int(np.clip(c - side / 2, 0, n - side)) for c, n in zip(centre, reference.shape))
+    return row, col, side
+
+
+def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
+                       difference_range_hu: float = DIFFERENCE_RANGE_HU) -> bytes:
+    """PNG: top row each output and the reference in ``window`` with a zoomed inset; bottom row
+    the difference maps (output − reference) on ±``difference_range_hu`` and the reference's ROIs."""
+    from matplotlib.patches import Rectangle
+
+    names = [*example.outputs, REFERENCE]
+    images = [*example.outputs.values(), example.reference]
+    row, col, side = _zoom_box(example.reference)
+    figure = _figure(3.2 * len(names), 6.9)
+    axes = figure.subplots(2, len(names), squeeze=False)
+    display = {"cmap": "gray", "vmin": window.low, "vmax": window.high, "interpolation": "nearest"}
+    difference_map = None
+    for i, (name, image) in enumerate(zip(names, images)):
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(image, **display)
+        top.add_patch(Rectangle((col - 0.5, row - 0.5), side, side, fill=False, edgecolor="yellow", linewidth=1))
+        inset = top.inset_axes((0.6, 0.6, 0.4, 0.4))
+        inset.imshow(image[row : row + side, col : col + side], **display)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        for spine in inset.spines.values():
+            spine.set_edgecolor("yellow")
+        top.set_title(name)
+        if name == REFERENCE:
+            bottom.imshow(image, **display)
+            for r, c in example.roi_corners:
+                bottom.add_patch(Rectangle((c - 0.5, r - 0.5), example.roi_size_px, example.roi_size_px,
+                                           fill=False, edgecolor="lime", linewidth=0.8))
+            bottom.set_title(f"uniform ROIs ({len(example.roi_corners)})", fontsize=9)
+        else:
+            difference = np.asarray(image, np.float64) - example.reference
+            difference_map = bottom.imshow(difference, cmap="RdBu_r", vmin=-difference_range_hu,
+                                           vmax=difference_range_hu, interpolation="nearest")
+            bottom.set_title(f"{name} − reference", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if difference_map is not None:
+        figure.colorbar(difference_map, ax=axes.ravel().tolist(), shrink=0.4, label="output − reference [HU]")
+    figure.suptitle(f"{example.label} — images: {window.name} window [{window.low:g}, {window.high:g}] HU; "
+                    f"differences: [{-difference_range_hu:g}, {difference_range_hu:g}] HU; inset: yellow box")
+    return _png(figure)
+
+
+def psnr_figure_png(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> bytes:
+    """PNG: PSNR per slice (evaluation order) and method, one panel per window of DESIGN §5."""
+    figure = _figure(6.0 * len(WINDOWS), 3.6)
+    axes = figure.subplots(1, len(WINDOWS), squeeze=False)
+    for ax, window in zip(axes[0], WINDOWS):
+        for method in methods:
+            values = [float(r[f"psnr_{window.name}"]) for r in rows if r["method"] == method]
+            ax.plot(range(len(values)), values, marker=".", linewidth=1, label=method)
+        ax.set_xlabel("slice (evaluation order)")
+        ax.set_ylabel("PSNR [dB]")
+        ax.set_title(f"{window.name} window [{window.low:g}, {window.high:g}] HU, range {window.data_range:g}")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    return _png(figure)
+
+
+def nps_figure_png(nps: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """PNG: radially averaged NPS of (output − reference) in the uniform ROIs, per method; the
+    reference's own ROI NPS dashed."""
+    figure = _figure(6.4, 4.0)
+    ax = figure.subplots()
+    for name, curve in nps.items():
+        style = "--" if name == REFERENCE else "-"
+        label = "reference image itself" if name == REFERENCE else f"{name} − reference"
+        ax.plot(curve["frequency_per_mm"], curve["nps_hu2_mm2"], style, marker=".", label=label)
+    ax.set_xlabel("spatial frequency [cycles/mm]")
+    ax.set_ylabel("NPS [HU²·mm²]")
+    ax.set_title("noise power spectrum in the uniform ROIs (radial average)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(figure)
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown and HTML
+# --------------------------------------------------------------------------------------------------
+
+
+def _protocol_lines(summary: Mapping[str, Any]) -> list[str]:
+    protocol, data = summary["protocol"], summary["data"]
+    windows = "; ".join(f"{w['name']} [{w['low_hu']:g}, {w['high_hu']:g}] HU, data range {w['data_range_hu']:g}"
+                        for w in protocol["windows"])
+    ssim = protocol["ssim"]
+    rois = protocol["rois"]
+    lines = [
+        (f"Data: split {data['split'] or '(pairs given on the command line)'}, {data['pairs']} pair(s), "
+         f"{data['slices']} slice(s) evaluated ({data['slice_selection']})."),
+        f"Windows (images clipped to each): {windows}. Statistics over the field of view only.",
+        f"PSNR: {protocol['psnr']}.",
+        (f"SSIM: Gaussian window {ssim['window_size']}, σ {ssim['sigma']}, {ssim['covariance']} covariance, "
+         f"{ssim['region']}; {ssim['implementation']}."),
+        f"Uniform ROIs: {rois['rule']}",
+        f"Noise std: {protocol['noise_std']}. HU bias: {protocol['hu_bias']}.",
+        f"NPS: {protocol['nps']}.",
+        f"Denoisers run in {protocol['inference']['precision']} on {protocol['inference']['device']}.",
+    ]
+    if "bm3d" in protocol:
+        lines.append(f"BM3D: {protocol['bm3d']}")
+    lines.extend(f"Skipped: {note}" for note in summary["skipped"])
+    return lines
+
+
+def _method_lines(summary: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for method in summary["methods"]:
+        text = f"{method['name']}: {method['description']}"
+        if "sha256" in method:
+            text += f" (checkpoint {Path(method['checkpoint']).name}, SHA-256 {method['sha256']})"
+        lines.append(text)
+    return lines
+
+
+def _figure_list(summary: Mapping[str, Any], examples: Sequence[ExampleSlice]) -> list[tuple[str, str]]:
+    """(file name, caption) of each figure, in report order."""
+    figures = [(f"example_{i}.png", f"Example: {example.label}") for i, example in enumerate(examples)]
+    figures.append(("psnr_per_slice.png", "PSNR per slice"))
+    if summary["nps"]:
+        figures.append(("nps.png", "Noise power spectrum"))
+    return figures
+
+
+def render_markdown(summary: Mapping[str, Any], figures: Sequence[tuple[str, str]]) -> str:
+    """The Markdown report; ``figures`` are (file name in ``figures/``, caption)."""
+    header, rows = summary_table(summary)
+    lines = ["# n2g-ct evaluation report", "", f"n2g-ct {summary['n2g_ct_version']}, {summary['created_utc']}.", "",
+             "## Results (mean ± std over slices)", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+             *("| " + " | ".join(r) + " |" for r in rows), "", "## Methods", "",
+             *(f"- {line}" for line in _method_lines(summary)), "", "## Protocol", "",
+             *(f"- {line}" for line in _protocol_lines(summary)), "", "## Figures", ""]
+    for name, caption in figures:
+        lines.extend([f"![{caption}]({FIGURES_DIR}/{name})", ""])
+    return "\n".join(lines)
+
+
+def _html_list(lines: Sequence[str]) -> str:
+    return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
+
+
+def render_html(summary: Mapping[str, Any], figures: Sequence[tuple[str, str, bytes]]) -> str:
+    """The HTML report, one file: ``figures`` are (file name, caption, PNG bytes), embedded as base64."""
+    header, rows = summary_table(summary)
+    e = html.escape
+    table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    images = "".join(
+        f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{e(caption)}</figcaption></figure>"
+        for _, caption, png in figures
+    )
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>n2g-ct evaluation report</title>"
+        "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>"
+        f"<h1>n2g-ct evaluation report</h1><p>n2g-ct {e(summary['n2g_ct_version'])}, {e(summary['created_utc'])}.</p>"
+        f"<h2>Results (mean ± std over slices)</h2>{table}<h2>Methods</h2>{_html_list(_method_lines(summary))}"
+        f"<h2>Protocol</h2>{_html_list(_protocol_lines(summary))}<h2>Figures</h2>{images}</body></html>\n"
+    )
+
+
+def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                 examples: Sequence[ExampleSlice]) -> None:
+    """Write ``figures/*.png``, ``report.md`` and ``report.html`` into ``out_dir``."""
+    figures = _figure_list(summary, examples)
+    methods = [m["name"] for m in summary["methods"]]
+    pngs = [example_figure_png(example) for example in examples]
+    pngs.append(psnr_figure_png(rows, methods))
+    if summary["nps"]:
+        pngs.append(nps_figure_png(summary["nps"]))
+    (out_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    for (name, _), png in zip(figures, pngs):
+        (out_dir / FIGURES_DIR / name).write_bytes(png)
+    write_atomic(out_dir / "report.md", render_markdown(summary, figures))
+    write_atomic(out_dir / "report.html", render_html(summary, [(n, c, p) for (n, c), p in zip(figures, pngs)]))
