@@ -28,12 +28,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,14 +41,20 @@ from pydicom.misc import is_dicom
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from n2g_ct.atomic import staged_output, write_text_atomic
 from n2g_ct.checkpoint import file_sha256, load_checkpoint
 from n2g_ct.errors import ConfigError, InputError, N2GError
-from n2g_ct.inference import DEFAULT_BATCH_SIZE, Denoiser, denoise_volume, denoiser_from_checkpoint
-from n2g_ct.io.dicom import DicomSeries, _check_gaps, read_dicom_series, scan_dicom
+from n2g_ct.inference import (
+    DEFAULT_BATCH_SIZE,
+    Denoiser,
+    denoise_volume,
+    denoiser_from_checkpoint,
+)
+from n2g_ct.io.dicom import DicomSeries, check_slice_gaps, read_dicom_series, scan_dicom
 from n2g_ct.io.dicom_writer import Derivation, DerivedSeriesWriter
 from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
 from n2g_ct.io.volume import CTVolume
-from n2g_ct.manifest import load_manifest, write_atomic
+from n2g_ct.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,6 @@ SUMMARY_NAME = "denoise_summary.csv"
 SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "message")
 READ_CHUNK_SLICES = 32
 """DICOM slices decoded at a time (at least one batch)."""
-_PARTIAL = ".partial-"
 _MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 
@@ -259,7 +261,7 @@ def _read_chunks(series: DicomSeries, size: int) -> Iterator[CTVolume]:
     The reader's gap rules hold for the whole series: the gaps are checked on every header position
     first, and again on the slices decoded so far whenever an unusable file had to be skipped.
     """
-    _check_gaps(series, series.positions_mm, [])
+    check_slice_gaps(series, series.positions_mm, [])
     position = dict(zip(series.paths, series.positions_mm))
     kept: list[float] = []
     skipped: list[str] = []
@@ -271,7 +273,7 @@ def _read_chunks(series: DicomSeries, size: int) -> Iterator[CTVolume]:
         kept += [position[p] for p in chunk.source_paths]
         skipped += [p.name for p in part.paths if p not in decoded]
         if skipped:
-            _check_gaps(series, np.asarray(kept), skipped)
+            check_slice_gaps(series, np.asarray(kept), skipped)
         yield chunk
 
 
@@ -294,44 +296,6 @@ def _denoise_nifti(job: Job, path: Path, denoiser: Denoiser, batch_size: int,
     volume = read_nifti(job.source)
     hu = denoise_volume(denoiser, volume.hu, batch_size=batch_size, out=volume.hu, on_batch=on_slices)
     return len(hu), write_nifti(path, hu, volume)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _staged(output: Path) -> Iterator[Path]:
-    """A temporary sibling of ``output`` to write to; renamed to ``output`` on success, else removed.
-
-    Partial outputs left by a killed run (``.<name>.partial-*``) are removed first.
-    """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{output.name}{_PARTIAL}"
-    for stale in output.parent.iterdir():
-        if stale.name.startswith(prefix):
-            _remove(stale)
-    suffix = "".join(output.suffixes[-2:]) if is_nifti(output) else ""
-    staging = output.parent / f"{prefix}{os.getpid()}{suffix}"
-    try:
-        yield staging
-        if output.is_dir():
-            old = output.parent / f"{prefix}{os.getpid()}.old"
-            os.rename(output, old)
-            try:
-                os.rename(staging, output)
-            except BaseException:
-                os.rename(old, output)
-                raise
-            _remove(old)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            _remove(staging)
 
 
 def _check_complete(job: Job, derivation: Derivation) -> None:
@@ -359,7 +323,7 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
             outcome.status, outcome.message = "skipped", "output exists (complete); --overwrite redoes it"
             return outcome
         with tqdm(total=job.slices, unit="slice", desc=job.output.name[-24:], leave=False,
-                  disable=not progress, dynamic_ncols=True) as bar, _staged(job.output) as staging:
+                  disable=not progress, dynamic_ncols=True) as bar, staged_output(job.output) as staging:
             if job.series is not None:
                 slices, clipped = _denoise_dicom(job, staging, denoiser, derivation, batch_size, bar.update)
             else:
@@ -382,7 +346,7 @@ def _write_summary(path: Path, outcomes: Sequence[Outcome]) -> None:
     writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(o.row() for o in outcomes)
-    write_atomic(path, text.getvalue())
+    write_text_atomic(path, text.getvalue())
 
 
 def denoise_inputs(

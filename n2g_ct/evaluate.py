@@ -21,12 +21,9 @@ removed by the next run).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +35,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct import __version__
+from n2g_ct.atomic import staged_output
 from n2g_ct.baselines import (
     bm3d_denoise,
     estimate_noise_psd,
@@ -81,7 +79,6 @@ BM3D = "bm3d"
 BM3D_ORACLE = "bm3d-oracle"
 _RESERVED_NAMES = {NOISY, BM3D, BM3D_ORACLE, REFERENCE}
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-_PARTIAL = ".partial-"
 SLICE_METRICS = (
     *(f"{kind}_{w.name}" for kind in ("psnr", "ssim") for w in WINDOWS),
     "roi_noise_std_hu",
@@ -381,46 +378,11 @@ def _summary(methods: Sequence[_Method], acc: _Accumulator, data: dict[str, Any]
 # --------------------------------------------------------------------------------------------------
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        pass
-    return True
-
-
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-
-
-@contextmanager
-def _staged(out_dir: Path) -> Iterator[Path]:
-    """A hidden sibling folder to write into, renamed to ``out_dir`` on success, else removed."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out_dir.name}{_PARTIAL}"
-    for stale in out_dir.parent.glob(f"{prefix}*"):
-        pid = stale.name[len(prefix):].split(".")[0]
-        if not pid.isdigit() or not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = out_dir.parent / f"{prefix}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        if out_dir.exists():
-            old = out_dir.parent / f"{prefix}{os.getpid()}.old"
-            os.rename(out_dir, old)
-            os.rename(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +455,8 @@ def evaluate(
     acc = _Accumulator()
     start = time.perf_counter()
     log.info("evaluating %d of %d paired slices with %s", len(indices), len(dataset), ", ".join(m.name for m in methods))
-    with _staged(out_dir) as staging:
+    with staged_output(out_dir) as staging:
+        staging.mkdir()
         with logging_redirect_tqdm(), tqdm(total=len(indices), unit="slice", desc="evaluate", disable=not progress,
                                            dynamic_ncols=True) as bar:
             for index in indices:

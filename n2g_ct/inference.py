@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2g_ct.devices import Processes, select_device
 from n2g_ct.errors import InputError, N2GError
 from n2g_ct.models import build_denoiser
-from n2g_ct.train import Processes, select_device
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import numpy as np
 import yaml
 
 from n2g_ct import __version__
+from n2g_ct.atomic import write_text_atomic
 from n2g_ct.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -759,28 +758,6 @@ def _patient_split(rule: PatientRule, patients: Sequence[_Patient], definition: 
             "notes": [note], **entries}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Readers see the old file or the new one, never a partial one; the file gets the usual
-    permissions (0666 minus the umask).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
     """Fixed-width text table: first column left-aligned, the others right-aligned."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
@@ -919,7 +896,7 @@ def scan_dataset(dataset: str | Path, root: Path | str, out: Path | str, *, spli
               "(schema: data_manifests/README.md).\n"
               "# Paths are relative to `root`; slice indices count in position order along the slice normal.\n"
               "# Validate with `n2g-ct manifest check FILE [--data-root DIR]`; regenerate rather than edit.\n")
-    write_atomic(out, header + yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None,
+    write_text_atomic(out, header + yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None,
                                          width=120))
     log.info("wrote %s", out)
     return ScanSummary(

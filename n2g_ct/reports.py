@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from n2g_ct.manifest import write_atomic
+from n2g_ct.atomic import write_text_atomic
 from n2g_ct.metrics import DISPLAY_WINDOW, WINDOWS, Window
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _finite(value: Any) -> Any:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as indented strict JSON (NaN/inf as null), atomically."""
-    write_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
@@ -85,7 +85,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[st
     writer.writeheader()
     for row in rows:
         writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-    write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def _mean_std(stats: Mapping[str, Any] | None, decimals: int) -> str:
@@ -327,5 +327,5 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mappi
     (out_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     for (name, _), png in zip(figures, pngs):
         (out_dir / FIGURES_DIR / name).write_bytes(png)
-    write_atomic(out_dir / "report.md", render_markdown(summary, figures))
-    write_atomic(out_dir / "report.html", render_html(summary, [(n, c, p) for (n, c), p in zip(figures, pngs)]))
+    write_text_atomic(out_dir / "report.md", render_markdown(summary, figures))
+    write_text_atomic(out_dir / "report.html", render_html(summary, [(n, c, p) for (n, c), p in zip(figures, pngs)]))

@@ -8,30 +8,17 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from n2g_ct.atomic import atomic_file, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _truncate_rows_after(path: Path, step: int) -> None:
@@ -43,13 +30,10 @@ def _truncate_rows_after(path: Path, step: int) -> None:
     if not rows:
         return
     kept = [r for r in rows if int(r["step"]) <= step]
-    fields = list(rows[0])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(kept)
-    os.replace(tmp, path)
 
 
 class _CsvLog:

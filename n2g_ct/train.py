@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -24,15 +23,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct.checkpoint import load_checkpoint, save_checkpoint
 from n2g_ct.config import from_dict, to_dict
+from n2g_ct.devices import Processes, init_processes, select_device
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.models import build_denoiser, build_noise_approximator
-from n2g_ct.noise2grad import StepResult, noise2grad_step, noise2noise_step, supervised_step
+from n2g_ct.noise2grad import (
+    StepResult,
+    noise2grad_step,
+    noise2noise_step,
+    supervised_step,
+)
 from n2g_ct.run_log import RunLog
 from n2g_ct.train_config import TrainConfig
 from n2g_ct.training_data import Validation, build_training_batches, build_validation
@@ -41,20 +45,6 @@ log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes logs and checkpoints."""
-        return self.rank == 0
 
 
 class TrainingInterrupted(Exception):
@@ -106,27 +96,6 @@ def lr_factor(step: int, total_steps: int, decay_start: float) -> float:
     if step < start:
         return 1.0
     return max(0.0, 1.0 - (step - start) / max(1, total_steps - start))
-
-
-def _init_processes() -> Processes:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Processes()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def select_device(requested: str, processes: Processes) -> torch.device:
-    """The torch device for ``requested`` (auto/cpu/cuda/cuda:N); under torchrun, GPU = local rank."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"run.device={requested} but no CUDA device is available (use --device cpu)")
-    if requested in ("auto", "cuda"):
-        return torch.device("cuda", processes.local_rank if processes.world_size > 1 else 0)
-    return torch.device(requested)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -341,7 +310,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         TrainingInterrupted: on SIGINT/SIGTERM, after saving a checkpoint.
         InputError / ConfigError: bad data, checkpoint or device.
     """
-    processes = _init_processes()
+    processes = init_processes(config.run.device)
     device = select_device(config.run.device, processes)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)

@@ -240,7 +240,7 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return stored == value
 
 
-def _check_gaps(series: DicomSeries, positions: np.ndarray, skipped: list[str]) -> float:
+def check_slice_gaps(series: DicomSeries, positions: np.ndarray, skipped: list[str]) -> float:
     """Mean slice spacing in mm (as ITK computes it); InputError on a missing or duplicated slice."""
     if len(positions) < 2:
         return 1.0
@@ -294,7 +294,7 @@ def read_dicom_series(series: DicomSeries, *, allow_non_ct: bool = False) -> CTV
             f"{' ...' if len(skipped) > 3 else ''})"
         )
     positions = np.asarray([k[1] for k in kept])
-    dz = _check_gaps(series, positions, skipped)
+    dz = check_slice_gaps(series, positions, skipped)
     first = kept[0][2]
     orientation = np.asarray([float(v) for v in first.ImageOrientationPatient])
     direction = np.stack([orientation[:3], orientation[3:], _slice_normal(orientation)], axis=1)
