@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from n2g_ct.cache import VolumeCache
 from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream
+from n2g_ct.inference import Denoiser
 from n2g_ct.manifest import SliceSelection, load_split
 from n2g_ct.metrics import WINDOWS, psnr, ssim
 from n2g_ct.train_config import DataConfig, TrainConfig
@@ -73,26 +74,26 @@ def build_training_batches(
 def build_validation(data: DataConfig, device: torch.device) -> Validation | None:
     """A function scoring the denoiser on the validation slices, or None when none are configured.
 
-    It returns the mean PSNR (dB) and SSIM over the slices in both windows of
-    :mod:`n2g_ct.metrics` (keys ``psnr_display``, ``ssim_display``, ``psnr_full``, ``ssim_full``).
+    It runs F as inference does (:class:`n2g_ct.inference.Denoiser`) and returns the mean PSNR (dB)
+    and SSIM over the slices in both windows of :mod:`n2g_ct.metrics` (keys ``psnr_display``,
+    ``ssim_display``, ``psnr_full``, ``ssim_full``), padding excluded.
     """
     if not data.validation:
         return None
     dataset = PairedSliceDataset(data.validation, window_hu=data.window_hu, cache=VolumeCache(data.cache_dir))
     count = len(dataset) if data.validation_slices == 0 else min(data.validation_slices, len(dataset))
     subset = Subset(dataset, np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist())
-    low, high = data.window_hu
 
-    @torch.no_grad()
-    def validate(denoiser: nn.Module) -> dict[str, float]:
-        denoiser.eval()
+    def validate(network: nn.Module) -> dict[str, float]:
+        network.eval()
+        denoise = Denoiser(network, data.window_hu, "validation", device)
         scores: dict[str, list[Tensor]] = {}
         for item in DataLoader(subset, batch_size=1):
-            output = denoiser(item[Keys.LOW_DOSE].to(device)).float().cpu()
-            output_hu = output.clamp(0, 1) * (high - low) + low
+            reference, valid = item[Keys.REFERENCE_HU], item[Keys.VALID]
+            output = torch.from_numpy(denoise(item[Keys.LOW_DOSE_HU][:, 0].numpy()))[:, None]
             for window in WINDOWS:
-                scores.setdefault(f"psnr_{window.name}", []).append(psnr(output_hu, item[Keys.REFERENCE_HU], window))
-                scores.setdefault(f"ssim_{window.name}", []).append(ssim(output_hu, item[Keys.REFERENCE_HU], window))
+                scores.setdefault(f"psnr_{window.name}", []).append(psnr(output, reference, window, valid))
+                scores.setdefault(f"ssim_{window.name}", []).append(ssim(output, reference, window, valid))
         return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
 
     return validate
