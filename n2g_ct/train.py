@@ -118,6 +118,38 @@ def mask_seed(seed: int, rank: int, step: int) -> int:
 
 
 @dataclass
+class StepBudget:
+    """How many optimiser steps the run takes: ``optim.steps``, or as many as fit in ``optim.minutes``.
+
+    With a time budget the run times its first :data:`CALIBRATION_STEPS` steps and fixes the total
+    then (capped by ``optim.steps``); the learning rate is still constant at that point, so the
+    schedule is the same as if the total had been known from the start. The total is saved in
+    checkpoints: a resumed run keeps it.
+    """
+
+    total: int
+    minutes: float | None = None
+    fixed: bool = True
+
+    @classmethod
+    def from_config(cls, steps: int, minutes: float | None) -> StepBudget:
+        return cls(steps, minutes, fixed=minutes is None)
+
+    def calibrate(self, step: int, elapsed_s: float) -> None:
+        """Fix the total from the time the first ``step`` steps took (once, at the calibration step)."""
+        if self.fixed or step < CALIBRATION_STEPS:
+            return
+        affordable = int(self.minutes * 60.0 * step / max(elapsed_s, 1e-9))
+        self.total = max(step, min(self.total, affordable))
+        self.fixed = True
+        log.info("time budget %.1f min: %d steps (%.3f s/step over the first %d)",
+                 self.minutes, self.total, elapsed_s / step, step)
+
+
+CALIBRATION_STEPS = 20
+
+
+@dataclass
 class _Trainer:
     """The mutable state of one run; :func:`train` drives it."""
 
@@ -129,6 +161,7 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    budget: StepBudget
     step: int = 0
     best_psnr: float = -math.inf
     lr: float = 0.0  # learning rate of the last step
@@ -157,6 +190,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             "best_psnr": self.best_psnr,
             "elapsed_s": self.elapsed_s(),
+            "total_steps": self.budget.total if self.budget.fixed else None,
             "world_size": self.processes.world_size,
         }
 
@@ -183,6 +217,8 @@ class _Trainer:
         self.step = int(state["step"])
         self.best_psnr = float(state["best_psnr"])
         self.elapsed_before_s = float(state["elapsed_s"])
+        if state["total_steps"] is not None:
+            self.budget.total, self.budget.fixed = int(state["total_steps"]), True
         changed = _changed_keys(state["config"], to_dict(self.config))
         if changed:
             log.warning("resuming with a changed configuration (%s): the run is no longer identical to an "
@@ -205,14 +241,15 @@ def _build_trainer(config: TrainConfig, processes: Processes, device: torch.devi
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=True)
     optim = config.optim
+    budget = StepBudget.from_config(optim.steps, optim.minutes)
     optimizer = torch.optim.Adam(objective.parameters(), lr=optim.lr, betas=optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, optim.steps, optim.decay_start)
+        optimizer, lambda s: lr_factor(s, budget.total, optim.decay_start)
     )
     use_scaler = device.type == "cuda" and config.run.amp and not torch.cuda.is_bf16_supported()
     return _Trainer(
         config, processes, device, objective, model, optimizer, scheduler,
-        torch.amp.GradScaler(device.type, enabled=use_scaler),
+        torch.amp.GradScaler(device.type, enabled=use_scaler), budget,
     )
 
 
@@ -271,15 +308,19 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: Validation | None,
           run_log: RunLog, bar: Any, stop: list[int]) -> None:
-    """Steps until ``optim.steps``: train, log, validate (keeping the best), checkpoint, obey signals."""
-    run, last = trainer.config.run, trainer.config.optim.steps
+    """Steps until the budget: train, log, validate (keeping the best), checkpoint, obey signals."""
+    run, budget = trainer.config.run, trainer.budget
     trainer.started = time.perf_counter()
     trainer.objective.train()
-    while trainer.step < last:
+    while trainer.step < budget.total:
         trainer.step += 1
         batch = {k: v.to(trainer.device, non_blocking=True) for k, v in next(batches).items()}
         result = _train_step(trainer, batch)
+        if not budget.fixed:
+            budget.calibrate(trainer.step, _all_ranks_max(trainer.elapsed_s(), trainer.device, trainer.processes))
+            bar.total = budget.total
         bar.update(1)
+        last = budget.total
         if _due(trainer.step, run.log_every, last):
             row = _log_row(trainer, result)
             run_log.train_row(row)
@@ -334,10 +375,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             tensorboard=config.run.tensorboard, truncate_after=trainer.step,
         )))
         stack.enter_context(logging_redirect_tqdm())
-        bar = stack.enter_context(tqdm(total=config.optim.steps, initial=trainer.step, disable=not show,
+        bar = stack.enter_context(tqdm(total=trainer.budget.total, initial=trainer.step, disable=not show,
                                        unit="step", dynamic_ncols=True))
         _loop(trainer, batches, validation, run_log, bar, stop)
     return checkpoint
+
+
+def _all_ranks_max(value: float, device: torch.device, processes: Processes) -> float:
+    """The largest ``value`` over all processes (so that every rank fixes the same step budget)."""
+    if processes.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _any_rank_stopped(stop: list[int], device: torch.device, processes: Processes) -> bool:

@@ -100,7 +100,9 @@ class OptimConfig:
     """Adam with a constant learning rate, then linear decay to 0 (the paper's schedule).
 
     Attributes:
-        steps: total optimiser steps.
+        steps: total optimiser steps (with ``minutes``: the most steps).
+        minutes: a time budget instead: as many steps as fit in this many minutes of training,
+            measured on the first steps of the run (validation and checkpoints come on top).
         batch_size: crops per step and per process.
         lr: learning rate (paper: 2e-4).
         betas: Adam betas (paper: 0.5, 0.999).
@@ -108,6 +110,7 @@ class OptimConfig:
     """
 
     steps: int = 10000
+    minutes: float | None = None
     batch_size: int = 1
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
@@ -117,6 +120,8 @@ class OptimConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be ≥ 1")
         _positive(self.lr, "lr")
+        if self.minutes is not None:
+            _positive(self.minutes, "minutes")
         if not 0.0 <= self.decay_start <= 1.0:
             raise ValueError(f"decay_start is a fraction of the steps in [0, 1], got {self.decay_start}")
         if not all(0.0 <= b < 1.0 for b in self.betas):

@@ -194,3 +194,16 @@ def test_cli_reports_config_errors_without_traceback(synthetic, tmp_path):
     assert result.returncode == 2
     assert "data.crop_size: expected int, got 'huge'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_a_time_budget_fixes_the_step_count_after_calibration(synthetic, tmp_path):
+    from n2g_ct.train import CALIBRATION_STEPS
+
+    config = make_config(synthetic, tmp_path / "run", optim={"steps": 100_000, "minutes": 0.02})
+    train(config, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    rows = read_rows(tmp_path / "run" / "train_log.csv")
+    assert CALIBRATION_STEPS <= state["total_steps"] < 100_000
+    assert int(rows[-1]["step"]) == state["total_steps"] == state["step"]
+    seconds_per_step = float(rows[CALIBRATION_STEPS - 1]["time_s"]) / CALIBRATION_STEPS
+    assert state["total_steps"] == pytest.approx(0.02 * 60 / seconds_per_step, rel=0.2)
