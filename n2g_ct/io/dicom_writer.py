@@ -130,7 +130,7 @@ def hu_to_stored(
 
 def _series_description(source: Dataset, method: str) -> str:
     suffix = f" [n2g-ct {method}]"
-    base = str(source.get("SeriesDescription", "") or "").strip() or "denoised"
+    base = str(source.get("SeriesDescription", "") or "").strip() or "series"
     return base[: _SERIES_DESCRIPTION_MAX - len(suffix)] + suffix
 
 
