@@ -98,6 +98,7 @@ def denoiser_from_checkpoint(
         low, high = (float(v) for v in config["data"]["window_hu"])
         model = config["model"]
         channels, base_width, depth = int(model["channels"]), int(model["base_width"]), int(model["depth"])
+        residual = bool(model.get("residual", False))
         method = str(config["method"]["name"])
         weights = state["denoiser"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -106,7 +107,7 @@ def denoiser_from_checkpoint(
         raise InputError(f"{source}: the model has {channels} channels; CT denoising needs a 1-channel model")
     if not high > low:
         raise InputError(f"{source}: data.window_hu must be [low, high] with low < high, got {[low, high]}")
-    network = build_denoiser(channels, channels, base_width, depth)
+    network = build_denoiser(channels, channels, base_width, depth, residual)
     try:
         network.load_state_dict(weights)
     except RuntimeError as exc:

@@ -67,7 +67,7 @@ class TrainingObjective(nn.Module):
         super().__init__()
         model = config.model
         self.method = config.method
-        self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth)
+        self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth, model.residual)
         self.noise_approximator = (
             build_noise_approximator(model.channels, model.g_init_scale) if self.method.name == "noise2grad" else None
         )

@@ -70,12 +70,14 @@ class ModelConfig:
         base_width: channels of the first U-Net level (official: 32).
         depth: max-pool downsamplings (official: 3).
         g_init_scale: start G at weight = scale·identity; ``None`` is the paper's random init.
+        residual: F outputs ``x + U-Net(x)``, starting as the identity (not the paper's network).
     """
 
     channels: int = 1
     base_width: int = 32
     depth: int = 3
     g_init_scale: float | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.base_width < 1 or self.depth < 1:

@@ -169,3 +169,11 @@ def test_noise_approximator_is_a_per_pixel_affine_map_across_channels():
 def test_bad_arguments_raise_clear_errors(build):
     with pytest.raises(ValueError, match=">= 1|finite"):
         build()
+
+
+def test_residual_denoiser_starts_as_the_identity():
+    network = build_denoiser(1, 1, base_width=4, depth=2, residual=True)
+    image = torch.rand(2, 1, 19, 23)
+    torch.testing.assert_close(network(image), image)
+    with pytest.raises(ValueError, match="residual UNet needs out_channels == in_channels"):
+        build_denoiser(1, 3, residual=True)

@@ -49,9 +49,16 @@ def build_denoiser(
     out_channels: int | None = None,
     base_width: int = 32,
     depth: int = 3,
+    residual: bool = False,
 ) -> UNet:
-    """The noise-removal U-Net F with the official initialisation (see `UNet` for the arguments)."""
-    return official_init_(UNet(in_channels, out_channels, base_width, depth))
+    """The noise-removal U-Net F with the official initialisation (see `UNet` for the arguments).
+
+    A residual U-Net gets a zero head, so that it starts as the identity.
+    """
+    network = official_init_(UNet(in_channels, out_channels, base_width, depth, residual))
+    if residual:
+        nn.init.zeros_(network.head.weight)
+    return network
 
 
 def build_noise_approximator(channels: int = 1, init_scale: float | None = None) -> NoiseApproximator:

@@ -37,6 +37,8 @@ class UNet(nn.Module):
         out_channels: output channels; ``None`` means ``in_channels``.
         base_width: feature channels at full resolution.
         depth: number of 2× downsamplings.
+        residual: output ``input + U-Net(input)`` (a global residual, not in the official
+            network); needs ``out_channels == in_channels``.
 
     Shapes:
         input (B, in_channels, H, W) → output (B, out_channels, H, W), same units as the input.
@@ -48,9 +50,13 @@ class UNet(nn.Module):
         out_channels: int | None = None,
         base_width: int = 32,
         depth: int = 3,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
+        if residual and out_channels != in_channels:
+            raise ValueError(f"a residual UNet needs out_channels == in_channels, got {out_channels} and {in_channels}")
+        self.residual = residual
         for name, value in (
             ("in_channels", in_channels),
             ("out_channels", out_channels),
@@ -95,4 +101,5 @@ class UNet(nn.Module):
         for block in self.decoder:
             features = F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=True)
             features = block(torch.cat([skips.pop(), features], dim=1))
-        return self.head(features)[..., top : top + height, left : left + width]
+        output = self.head(features)[..., top : top + height, left : left + width]
+        return image + output if self.residual else output
