@@ -199,6 +199,95 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_cmd_evaluate)
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from n2g_ct.simulate import ScanGeometry, simulate_series
+
+    geometry = ScanGeometry(args.geometry, views=args.views, filter=args.filter)
+    result, written = simulate_series(
+        args.input, args.out, args.dose, geometry=geometry, i0=args.i0, electronic_noise=args.electronic_noise,
+        seed=args.seed, device=args.device, batch_size=args.batch_size,
+    )
+    print(f"{written}: {result.describe()}")
+    return 0
+
+
+def _add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="simulate a lower-dose scan of a routine-dose series (projection-domain noise) as a derived series",
+        description="HU -> attenuation (mu_water 0.0192/mm), forward projection, counts Poisson(I0*dose*exp(-p)) "
+        "+ N(0, sigma_e^2), log, filtered back-projection; only the noise difference FBP(noisy) - FBP(noiseless) "
+        "is added to the source, so its own noise is kept. Without --i0, I0 is calibrated per slice so that the "
+        "added noise is sqrt(1/dose - 1) x the slice's own noise (uniform soft-tissue windows). DICOM in: a derived "
+        "DICOM series in OUT; NIfTI in: OUT/<name>. Details: n2g_ct/simulate.py.",
+    )
+    parser.add_argument("input", type=Path, metavar="INPUT", help="routine-dose DICOM series folder or NIfTI file")
+    parser.add_argument("--dose", type=float, required=True, help="fraction of the source's dose, e.g. 0.25")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty, outside INPUT)")
+    parser.add_argument("--geometry", choices=["fan", "parallel"], default="fan",
+                        help="fan: equi-angular, source-isocentre 595 mm, source-detector 1085.6 mm, views over "
+                        "360deg; parallel: views over 180deg (default: fan)")
+    parser.add_argument("--views", type=int, help="views per scan, >= 720 (default: 1152 fan, 720 parallel)")
+    parser.add_argument("--filter", choices=["hann", "ramp"], default="hann", help="FBP filter (default: hann)")
+    parser.add_argument("--i0", type=float, help="incident photons per ray at dose 1 for every slice "
+                        "(default: calibrated per slice from the source's noise)")
+    parser.add_argument("--electronic-noise", type=float, default=10.0, help="electronic noise std in counts (default: 10)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, help="slices at once (default: 4 on CPU, 16 on CUDA)")
+    parser.set_defaults(handler=_cmd_simulate)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from n2g_ct.pipeline import load_recipe, run_pipeline
+
+    out = args.out or Path("runs") / args.recipe.stem
+    recipe = load_recipe(args.recipe, data_root=args.data_root, out=out, overrides=tuple(args.overrides))
+    result = run_pipeline(recipe, out, budget_minutes=args.budget, device=args.device,
+                          progress=not args.no_progress, overwrite=args.overwrite)
+    print(result.render())
+    return 0
+
+
+def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a pipeline recipe (pipelines/*.yaml): simulate, train, evaluate, report",
+        description="Run RECIPE into --out; finished steps are skipped and interrupted training resumes, "
+        "so the same command continues a run. KEY=VALUE arguments override recipe entries (dotted keys).",
+    )
+    parser.add_argument("recipe", type=Path, help="pipeline recipe (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    parser.add_argument("--data-root", type=Path, help="folder that {data_root} in the recipe stands for")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/RECIPE-NAME)")
+    parser.add_argument("--budget", type=float, metavar="MINUTES", help="training time per model, minutes")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true", help="redo the evaluation if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_cmd_run)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from n2g_ct.demo import run_demo
+
+    print(run_demo(args.out, minutes=args.minutes, device=args.device, progress=not args.no_progress).render())
+    return 0
+
+
+def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole chain on a built-in phantom (no downloaded data): simulate, train, evaluate, denoise",
+        description="Write a procedural chest phantom series, simulate quarter dose, train Noise2Grad for "
+        "--minutes, evaluate on held-out slices and denoise the low-dose series into a derived DICOM series.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    parser.add_argument("--minutes", type=float, default=3.0, help="Noise2Grad training time (default: 3)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``n2g-ct`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -214,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(subparsers)
     _add_denoise_parser(subparsers)
     _add_evaluate_parser(subparsers)
+    _add_simulate_parser(subparsers)
+    _add_run_parser(subparsers)
+    _add_demo_parser(subparsers)
     return parser
 
 
@@ -225,7 +317,12 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``n2g-ct``; returns the process exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides may also follow options
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR

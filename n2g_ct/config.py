@@ -129,20 +129,38 @@ def to_dict(config: Any) -> dict:
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """A copy of ``data`` with ``dotted.key=value`` overrides applied (values parsed as YAML)."""
+    """A copy of ``data`` with ``dotted.key=value`` overrides applied (values parsed as YAML).
+
+    A numeric part indexes a list: ``train.0.config.optim.lr=1e-3``.
+    """
     result = yaml.safe_load(yaml.safe_dump(data))  # deep copy through the storage format
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=1000")
-        node = result
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.steps=1000")
+        node: Any = result
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+            node = _child(node, part, item)
+        if isinstance(node, list):
+            node[_list_index(node, leaf, item)] = yaml.safe_load(raw)
+        else:
+            node[leaf] = yaml.safe_load(raw)
     return result
+
+
+def _list_index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {item!r}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _child(node: Any, part: str, item: str) -> Any:
+    """The section ``part`` of ``node`` (created when missing), or its list item."""
+    node = node[_list_index(node, part, item)] if isinstance(node, list) else node.setdefault(part, {})
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"override {item!r}: {part} is not a section")
+    return node
 
 
 def load_yaml(path: Path) -> dict:

@@ -123,19 +123,20 @@ def render_text(summary: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _figure(width_in: float, height_in: float) -> Figure:
+def figure(width_in: float, height_in: float) -> Figure:
     """A matplotlib figure on the Agg canvas, outside pyplot (no global backend or figure state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width_in, height_in))
-    FigureCanvasAgg(figure)
-    return figure
+    fig = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _png(figure: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (100 dpi, tight bounding box)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -157,8 +158,8 @@ def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
     names = [*example.outputs, REFERENCE]
     images = [*example.outputs.values(), example.reference]
     row, col, side = _zoom_box(example.reference)
-    figure = _figure(3.2 * len(names), 6.9)
-    axes = figure.subplots(2, len(names), squeeze=False)
+    fig = figure(3.2 * len(names), 6.9)
+    axes = fig.subplots(2, len(names), squeeze=False)
     display = {"cmap": "gray", "vmin": window.low, "vmax": window.high, "interpolation": "nearest"}
     difference_map = None
     for i, (name, image) in enumerate(zip(names, images)):
@@ -187,16 +188,16 @@ def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
             ax.set_xticks([])
             ax.set_yticks([])
     if difference_map is not None:
-        figure.colorbar(difference_map, ax=axes.ravel().tolist(), shrink=0.4, label="output − reference [HU]")
-    figure.suptitle(f"{example.label} — images: {window.name} window [{window.low:g}, {window.high:g}] HU; "
+        fig.colorbar(difference_map, ax=axes.ravel().tolist(), shrink=0.4, label="output − reference [HU]")
+    fig.suptitle(f"{example.label} — images: {window.name} window [{window.low:g}, {window.high:g}] HU; "
                     f"differences: [{-difference_range_hu:g}, {difference_range_hu:g}] HU; inset: yellow box")
-    return _png(figure)
+    return png(fig)
 
 
 def psnr_figure_png(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> bytes:
     """PNG: PSNR per slice (evaluation order) and method, one panel per window of DESIGN §5."""
-    figure = _figure(6.0 * len(WINDOWS), 3.6)
-    axes = figure.subplots(1, len(WINDOWS), squeeze=False)
+    fig = figure(6.0 * len(WINDOWS), 3.6)
+    axes = fig.subplots(1, len(WINDOWS), squeeze=False)
     for ax, window in zip(axes[0], WINDOWS):
         for method in methods:
             values = [float(r[f"psnr_{window.name}"]) for r in rows if r["method"] == method]
@@ -206,14 +207,14 @@ def psnr_figure_png(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -
         ax.set_title(f"{window.name} window [{window.low:g}, {window.high:g}] HU, range {window.data_range:g}")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    return _png(figure)
+    return png(fig)
 
 
 def nps_figure_png(nps: Mapping[str, Mapping[str, Any]]) -> bytes:
     """PNG: radially averaged NPS of (output − reference) in the uniform ROIs, per method; the
     reference's own ROI NPS dashed."""
-    figure = _figure(6.4, 4.0)
-    ax = figure.subplots()
+    fig = figure(6.4, 4.0)
+    ax = fig.subplots()
     for name, curve in nps.items():
         style = "--" if name == REFERENCE else "-"
         label = "reference image itself" if name == REFERENCE else f"{name} − reference"
@@ -224,7 +225,7 @@ def nps_figure_png(nps: Mapping[str, Mapping[str, Any]]) -> bytes:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(figure)
+    return png(fig)
 
 
 # --------------------------------------------------------------------------------------------------

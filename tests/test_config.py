@@ -58,6 +58,13 @@ def test_overrides_use_dotted_keys_and_yaml_values():
     assert data == {"optim": {"steps": 12}, "run": {"amp": False}, "data": {"window_hu": [-100, 300]}}
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["optim.steps"])
+    runs = {"train": [{"name": "a", "config": {}}, {"name": "b"}]}
+    assert apply_overrides(runs, ["train.1.config.optim.lr=0.001"])["train"][1] == {
+        "name": "b", "config": {"optim": {"lr": 0.001}}}
+    with pytest.raises(ConfigError, match="'2' is not an index of a list of 2"):
+        apply_overrides(runs, ["train.2.name=c"])
+    with pytest.raises(ConfigError, match="name is not a section"):
+        apply_overrides(runs, ["train.0.name.x=1"])
 
 
 def test_unreadable_or_non_mapping_yaml(tmp_path):

@@ -1,0 +1,270 @@
+"""Run a ``pipelines/*.yaml`` recipe end to end: simulate → train → evaluate (each step resumable).
+
+A recipe is YAML with these sections (schema: ``pipelines/README.md``):
+
+- ``simulate``: low-dose series to make from routine-dose ones (``name``, ``input``, ``dose``, ...);
+  written to ``OUT/simulated/NAME``.
+- ``train``: named training runs, each a ``n2g-ct train`` configuration (``data``, ``model``,
+  ``method``, ``optim``, ``run``); written to ``OUT/train/NAME``.
+- ``evaluate``: paired evaluation of the noisy input, the trained models (by run name, last
+  checkpoint) and optional BM3D; written to ``OUT/evaluation``.
+
+Strings may use ``{data_root}``, ``{out}`` and ``{simulated}`` (= ``OUT/simulated``). A budget
+(``--budget`` minutes) sets every training run's ``optim.minutes``. Finished steps are skipped on a
+re-run; an interrupted training run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from n2g_ct.config import apply_overrides, from_dict, load_yaml
+from n2g_ct.errors import ConfigError
+from n2g_ct.manifest import PairSelection
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+_VARIABLE = re.compile(r"\{(data_root|out|simulated)\}")
+
+
+@dataclass(frozen=True)
+class SimulateStep:
+    """One simulated low-dose series.
+
+    Attributes:
+        name: output folder name under ``OUT/simulated``.
+        input: routine-dose series (folder, DICOM file or NIfTI).
+        dose: fraction of the source dose, in (0, 1).
+        geometry: ``fan`` or ``parallel`` beam.
+        seed: noise seed.
+        i0: explicit incident photons per ray; default: calibrated to the source's own noise.
+    """
+
+    name: str
+    input: Path
+    dose: float
+    geometry: Literal["fan", "parallel"] = "fan"
+    seed: int = 0
+    i0: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.dose < 1.0:
+            raise ValueError(f"dose must be in (0, 1), got {self.dose}")
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One named training run; ``config`` is a ``n2g-ct train`` configuration mapping."""
+
+    name: str
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateStep:
+    """The paired evaluation.
+
+    Attributes:
+        pairs: (low-dose, reference) series and slices to evaluate.
+        models: training runs to evaluate (their last checkpoints), by name.
+        bm3d: add BM3D with an estimated noise PSD (and the oracle PSD as an upper bound).
+        max_slices: evaluate at most this many slices (evenly spaced); all when None.
+    """
+
+    pairs: tuple[PairSelection, ...]
+    models: tuple[str, ...] = ()
+    bm3d: bool = False
+    max_slices: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A pipeline recipe (see the module docstring)."""
+
+    n2g_ct_pipeline: int
+    name: str
+    description: str = ""
+    data_root: Path | None = None
+    simulate: tuple[SimulateStep, ...] = ()
+    train: tuple[TrainStep, ...] = ()
+    evaluate: EvaluateStep | None = None
+
+    def __post_init__(self) -> None:
+        if self.n2g_ct_pipeline != RECIPE_VERSION:
+            raise ValueError(f"n2g_ct_pipeline must be {RECIPE_VERSION}, got {self.n2g_ct_pipeline}")
+        names = [s.name for s in self.train]
+        if len(set(names)) != len(names):
+            raise ValueError(f"training run names must be unique, got {names}")
+        if self.evaluate is not None:
+            unknown = sorted(set(self.evaluate.models) - set(names))
+            if unknown:
+                raise ValueError(f"evaluate.models names unknown training runs: {', '.join(unknown)}")
+
+
+def _substitute(value: Any, variables: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda m: variables[m.group(1)], value)
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    return value
+
+
+def load_recipe(path: Path, *, data_root: Path | None = None, out: Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe, substitute ``{data_root}``/``{out}``/``{simulated}`` and validate it.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, bad values, or no data root where one is needed.
+    """
+    raw = apply_overrides(load_yaml(path), overrides)
+    root = data_root or (Path(path).parent / raw["data_root"] if raw.get("data_root") else None)
+    if root is None and "{data_root}" in str(raw):
+        raise ConfigError(f"{path}: uses {{data_root}}; pass --data-root")
+    variables = {"data_root": str(root), "out": str(out), "simulated": str(out / "simulated")}
+    recipe = from_dict(Recipe, _substitute(raw, variables), source=str(path))
+    return dataclasses.replace(recipe, data_root=root)
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What a pipeline run produced."""
+
+    out: Path
+    checkpoints: dict[str, Path]
+    evaluation: Any = None  # n2g_ct.evaluate.EvaluationResult when the recipe evaluates
+
+    def render(self) -> str:
+        """Where everything is, and the evaluation table."""
+        lines = [f"pipeline outputs in {self.out}"]
+        lines += [f"  model {name}: {path}" for name, path in self.checkpoints.items()]
+        if (self.out / LEARNING_CURVES).exists():
+            lines.append(f"  learning curves: {self.out / LEARNING_CURVES}")
+        if self.evaluation is not None:
+            lines += ["", self.evaluation.render()]
+        return "\n".join(lines)
+
+
+LEARNING_CURVES = "learning_curves.png"
+
+
+def _train_configs(recipe: Recipe, out: Path, budget_minutes: float | None, device: str | None) -> dict:
+    """A validated TrainConfig per run (all checked before anything runs)."""
+    from n2g_ct.train_config import TrainConfig
+
+    configs = {}
+    for step in recipe.train:
+        data = apply_overrides(step.config, [f"run.out_dir={out / 'train' / step.name}"])
+        if budget_minutes is not None:
+            data = apply_overrides(data, [f"optim.minutes={budget_minutes}"])
+        if device is not None:
+            data = apply_overrides(data, [f"run.device={device}"])
+        configs[step.name] = from_dict(TrainConfig, data, source=f"train run {step.name!r}")
+    return configs
+
+
+def _simulate(step: SimulateStep, out: Path, device: str | None) -> None:
+    from n2g_ct.simulate import ScanGeometry, simulate_series
+
+    target = out / "simulated" / step.name
+    if target.exists():
+        log.info("simulated series %s exists; skipping", target)
+        return
+    result, _ = simulate_series(step.input, target, step.dose, geometry=ScanGeometry(kind=step.geometry),
+                                i0=step.i0, seed=step.seed, device=device or "auto")
+    log.info("simulated %s: %s", target, result.describe())
+
+
+def _train(name: str, config: Any, progress: bool) -> Path:
+    from n2g_ct.checkpoint import load_checkpoint
+    from n2g_ct.train import LAST_CHECKPOINT, train
+
+    checkpoint = config.run.out_dir / "checkpoints" / LAST_CHECKPOINT
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state["total_steps"] is not None and state["step"] >= state["total_steps"]:
+            log.info("training run %s is complete (%d steps); skipping", name, state["step"])
+            return checkpoint
+        log.info("training run %s: resuming at step %d", name, state["step"])
+    else:
+        log.info("training run %s", name)
+    return train(config, resume=checkpoint.exists(), progress=progress)
+
+
+def learning_curves_png(runs: dict[str, Path]) -> bytes | None:
+    """Validation PSNR (display window) against training minutes and steps, one line per run."""
+    import csv
+
+    from n2g_ct.reports import figure, png
+
+    curves = {}
+    for name, run_dir in runs.items():
+        log_path = run_dir / "validation.csv"
+        train_log = run_dir / "train_log.csv"
+        if not log_path.exists() or not train_log.exists():
+            continue
+        with open(train_log, newline="") as f:
+            minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in csv.DictReader(f)}
+        with open(log_path, newline="") as f:
+            rows = [(int(r["step"]), float(r["psnr_display"])) for r in csv.DictReader(f)]
+        curves[name] = [(step, minutes.get(step), value) for step, value in rows]
+    if not curves:
+        return None
+    fig = figure(11, 4)
+    by_minutes, by_steps = fig.subplots(1, 2)
+    for name, points in curves.items():
+        by_steps.plot([p[0] for p in points], [p[2] for p in points], marker=".", label=name)
+        timed = [p for p in points if p[1] is not None]
+        by_minutes.plot([p[1] for p in timed], [p[2] for p in timed], marker=".", label=name)
+    for axis, label in ((by_minutes, "training time (min)"), (by_steps, "optimiser steps")):
+        axis.set_xlabel(label)
+        axis.set_ylabel("validation PSNR (dB), window [-160, 240] HU")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return png(fig)
+
+
+def run_pipeline(recipe: Recipe, out: Path, *, budget_minutes: float | None = None, device: str | None = None,
+                 progress: bool = True, overwrite: bool = False) -> PipelineResult:
+    """Run every step of ``recipe`` into ``out``; finished steps are skipped, training resumes.
+
+    Args:
+        recipe: from :func:`load_recipe`.
+        out: output folder.
+        budget_minutes: training time per run (sets ``optim.minutes`` of every run).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for every step.
+        progress: progress bars.
+        overwrite: redo the evaluation even when its output exists.
+    """
+    from n2g_ct.atomic import atomic_file
+    from n2g_ct.evaluate import EvaluationResult, ModelSpec, evaluate
+
+    configs = _train_configs(recipe, out, budget_minutes, device)
+    out.mkdir(parents=True, exist_ok=True)
+    for step in recipe.simulate:
+        _simulate(step, out, device)
+    checkpoints = {name: _train(name, config, progress) for name, config in configs.items()}
+    curves = learning_curves_png({name: config.run.out_dir for name, config in configs.items()})
+    if curves is not None:
+        with atomic_file(out / LEARNING_CURVES) as tmp:
+            tmp.write_bytes(curves)
+    evaluation = None
+    summary = out / "evaluation" / "summary.json"
+    if recipe.evaluate is not None and summary.exists() and not overwrite:
+        log.info("evaluation %s exists; skipping (overwrite to redo it)", summary.parent)
+        evaluation = EvaluationResult(summary.parent, json.loads(summary.read_text()))
+    elif recipe.evaluate is not None:
+        spec = recipe.evaluate
+        evaluation = evaluate(
+            spec.pairs, out / "evaluation", models=[ModelSpec(m, checkpoints[m]) for m in spec.models],
+            bm3d=spec.bm3d, split=recipe.name, max_slices=spec.max_slices, device=device or "auto",
+            overwrite=overwrite, progress=progress,
+        )
+    return PipelineResult(out, checkpoints, evaluation)
