@@ -1,0 +1,106 @@
+"""Pipeline recipes end to end on a tiny phantom; the phantom itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from n2g_ct.errors import ConfigError
+from n2g_ct.io import read_volume
+from n2g_ct.phantom import chest_phantom, write_phantom_series
+from n2g_ct.pipeline import load_recipe
+
+
+def test_phantom_has_ct_tissues_and_is_seeded():
+    volume = chest_phantom(3, 64, seed=1)
+    assert volume.shape == (3, 64, 64) and volume.dtype == np.float32
+    assert (volume <= -990).mean() > 0.2  # air around the body
+    assert ((volume > -950) & (volume < -700)).mean() > 0.05  # lungs
+    assert ((volume > -150) & (volume < 100)).mean() > 0.2  # fat and soft tissue
+    assert (volume > 500).any()  # bone
+    np.testing.assert_array_equal(volume, chest_phantom(3, 64, seed=1))
+    assert not np.array_equal(volume, chest_phantom(3, 64, seed=2))
+
+
+def test_phantom_series_reads_back_exactly(tmp_path):
+    hu = chest_phantom(3, 32)
+    write_phantom_series(tmp_path / "ph", hu, spacing_xyz=(0.8, 0.8, 2.5))
+    volume = read_volume(tmp_path / "ph")
+    np.testing.assert_array_equal(volume.hu, np.clip(hu, -1024, 3071))
+    assert volume.spacing_xyz == pytest.approx((0.8, 0.8, 2.5))
+
+
+def recipe(steps: int = 4) -> dict:
+    pairs = [{"low_dose": "{simulated}/low", "reference": "{data_root}/phantom", "slices": [4, 5]}]
+    return {
+        "n2g_ct_pipeline": 1,
+        "name": "tiny",
+        "simulate": [{"name": "low", "input": "{data_root}/phantom", "dose": 0.25, "geometry": "parallel", "i0": 100000}],
+        "train": [
+            {"name": "n2g", "config": {
+                "data": {"noisy": [{"series": "{simulated}/low", "slices": [0, 1]}],
+                         "clean": [{"series": "{data_root}/phantom", "slices": [2, 3]}],
+                         "validation": pairs, "crop_size": 32, "cache_dir": "{out}/cache"},
+                "model": {"base_width": 4},
+                "optim": {"steps": steps, "batch_size": 2},
+                "run": {"log_every": 1, "validate_every": 2, "checkpoint_every": 2}}},
+        ],
+        "evaluate": {"pairs": pairs, "models": ["n2g"]},
+    }
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    write_phantom_series(root / "phantom", chest_phantom(6, 64, seed=3))
+    return root
+
+
+def test_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path, data_root):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe()))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "n2g_ct.cli", "run", str(path), "--data-root", str(data_root),
+               "--out", str(out), "--device", "cpu", "--no-progress"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert read_volume(out / "simulated" / "low").shape == (6, 64, 64)
+    assert (out / "train" / "n2g" / "checkpoints" / "last.pt").exists()
+    assert (out / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert {m["name"] for m in summary["methods"]} >= {"noisy", "n2g"}
+    times = {p: p.stat().st_mtime_ns for p in (out / "simulated" / "low").iterdir()}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "complete" in again.stderr and "exists; skipping" in again.stderr
+    assert times == {p: p.stat().st_mtime_ns for p in (out / "simulated" / "low").iterdir()}
+
+
+def test_recipes_are_validated_before_anything_runs(tmp_path, data_root):
+    bad = recipe()
+    bad["evaluate"]["models"] = ["missing"]
+    bad["train"][0]["config"]["optim"]["steps"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="evaluate.models names unknown training runs: missing"):
+        load_recipe(path, data_root=data_root, out=tmp_path / "out")
+    path.write_text(yaml.safe_dump(recipe()))
+    with pytest.raises(ConfigError, match=r"uses \{data_root\}; pass --data-root"):
+        load_recipe(path, out=tmp_path / "out")
+    result = subprocess.run([sys.executable, "-m", "n2g_ct.cli", "run", str(path), "--data-root", str(data_root),
+                             "--out", str(tmp_path / "out"), "train.0.config.optim.steps=0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "steps and batch_size must be ≥ 1" in result.stderr
+    assert not (tmp_path / "out" / "simulated").exists()
+
+
+def test_shipped_recipes_load(tmp_path):
+    from n2g_ct.demo import RECIPE
+
+    loaded = load_recipe(RECIPE, data_root=tmp_path, out=tmp_path / "out")
+    assert loaded.name == "demo" and [t.name for t in loaded.train] == ["noise2grad"]
