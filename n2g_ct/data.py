@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Randomizable
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from n2g_ct.cache import CachedVolume, VolumeCache
@@ -223,7 +224,10 @@ class _CropStream(IterableDataset):
         seeds = np.random.SeedSequence([self.seed, self.rank, index]).generate_state(1 + len(self.draws))
         pick = np.random.RandomState(seeds[0])
         for (_, _, chain), chain_seed in zip(self.draws, seeds[1:]):
-            chain.set_random_state(int(chain_seed))
+            state = np.random.RandomState(chain_seed)  # one per chain: cheaper than one per transform
+            for transform in chain.transforms:
+                if isinstance(transform, Randomizable):
+                    transform.set_random_state(state=state)
         crops: list[list[torch.Tensor]] = []
         for _ in range(self.batch_size):
             sample: list[torch.Tensor] = []
