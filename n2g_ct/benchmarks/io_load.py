@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from n2g_ct.benchmarks import median_seconds
 from n2g_ct.io import read_volume
 
 
@@ -47,14 +47,6 @@ def _shuffled_copy(folder: Path, target: Path, seed: int) -> None:
         ds.save_as(target / path.name)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +60,8 @@ def main() -> None:
     read_volume(args.data), _sitk_read(args.data)  # warm the page cache for both
     ours, theirs = [], []
     for _ in range(3):
-        ours.append(_median_seconds(lambda: read_volume(args.data), args.repeats))
-        theirs.append(_median_seconds(lambda: _sitk_read(args.data), args.repeats))
+        ours.append(median_seconds(lambda: read_volume(args.data), args.repeats))
+        theirs.append(median_seconds(lambda: _sitk_read(args.data), args.repeats))
     n2g, ref = statistics.median(ours), statistics.median(theirs)
     print(f"load time (median of {args.repeats}, 3 interleaved rounds): n2g-ct {n2g:.3f} s, "
           f"SimpleITK {ref:.3f} s, ratio n2g-ct/SimpleITK {n2g / ref:.2f}")

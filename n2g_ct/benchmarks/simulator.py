@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from n2g_ct.benchmarks import median_seconds
 from n2g_ct.io import read_volume
 from n2g_ct.simulate import (
     LowDoseSimulator,
@@ -43,14 +42,6 @@ from n2g_ct.simulate import (
 VIEWS = 720
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def _speed(hu: np.ndarray, spacing_yx: tuple[float, float], repeats: int) -> None:
     """``hu``: (4, y, x); the first slice is timed alone, the four as one batch."""
@@ -58,15 +49,15 @@ def _speed(hu: np.ndarray, spacing_yx: tuple[float, float], repeats: int) -> Non
 
     angles = np.arange(VIEWS) * 180.0 / VIEWS
     mu = 0.0192 * np.clip(1 + hu[0] / 1000, 0, None)
-    skimage_s = _median_seconds(lambda: iradon(radon(mu, angles, circle=False), angles, output_size=len(mu),
+    skimage_s = median_seconds(lambda: iradon(radon(mu, angles, circle=False), angles, output_size=len(mu),
                                                filter_name="ramp", circle=False), repeats)
     start = time.perf_counter()
     simulator = LowDoseSimulator(hu.shape[1:], spacing_yx, ScanGeometry("parallel", views=VIEWS, filter="ramp"))
     build_s = time.perf_counter() - start
     batch = torch.from_numpy(hu)
     with torch.inference_mode():
-        one_s = _median_seconds(lambda: simulator.round_trip(batch[:1]), repeats)
-        batch_s = _median_seconds(lambda: simulator.round_trip(batch), repeats) / len(hu)
+        one_s = median_seconds(lambda: simulator.round_trip(batch[:1]), repeats)
+        batch_s = median_seconds(lambda: simulator.round_trip(batch), repeats) / len(hu)
     print(f"speed, {hu.shape[1]}x{hu.shape[2]} slices, {VIEWS} views/180deg, projection + ramp FBP "
           f"(median of {repeats}, {torch.get_num_threads()} threads):")
     print(f"  skimage radon+iradon {skimage_s:.2f} s/slice; n2g-ct {one_s:.3f} s for 1 slice ({skimage_s / one_s:.0f}x "
