@@ -207,3 +207,16 @@ def test_a_time_budget_fixes_the_step_count_after_calibration(synthetic, tmp_pat
     assert int(rows[-1]["step"]) == state["total_steps"] == state["step"]
     seconds_per_step = float(rows[CALIBRATION_STEPS - 1]["time_s"]) / CALIBRATION_STEPS
     assert state["total_steps"] == pytest.approx(0.02 * 60 / seconds_per_step, rel=0.2)
+
+
+def test_tensorboard_events_mirror_the_csv_log(synthetic, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_config(synthetic, tmp_path / "run", optim={"steps": 4}, run={"tensorboard": True, "validate_every": 2}),
+          progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [round(e.value, 5) for e in events.Scalars("train/loss")]
+    assert losses == [round(float(r["loss"]), 5) for r in read_rows(tmp_path / "run" / "train_log.csv")]
+    assert [e.step for e in events.Scalars("validation/psnr_display")] == [2, 4]
