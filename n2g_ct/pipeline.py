@@ -2,14 +2,17 @@
 
 A recipe is YAML with these sections (schema: ``pipelines/README.md``):
 
+- ``manifest``: scan a two-dose dataset tree (e.g. Mayo 2016) into ``OUT/manifest.yaml``.
 - ``simulate``: low-dose series to make from routine-dose ones (``name``, ``input``, ``dose``, ...);
   written to ``OUT/simulated/NAME``.
 - ``train``: named training runs, each a ``n2g-ct train`` configuration (``data``, ``model``,
   ``method``, ``optim``, ``run``); written to ``OUT/train/NAME``.
 - ``evaluate``: paired evaluation of the noisy input, the trained models (by run name, last
-  checkpoint) and optional BM3D; written to ``OUT/evaluation``.
+  checkpoint) and optional BM3D, on given pairs or a manifest split's test pairs; written to
+  ``OUT/evaluation``.
 
-Strings may use ``{data_root}``, ``{out}`` and ``{simulated}`` (= ``OUT/simulated``). A budget
+Strings may use ``{data_root}``, ``{out}``, ``{simulated}`` (= ``OUT/simulated``) and ``{manifest}``
+(= ``OUT/manifest.yaml``). A budget
 (``--budget`` minutes) sets every training run's ``optim.minutes``. Finished steps are skipped on a
 re-run; an interrupted training run resumes from its last checkpoint.
 """
@@ -31,7 +34,23 @@ from n2g_ct.manifest import PairSelection
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
-_VARIABLE = re.compile(r"\{(data_root|out|simulated)\}")
+_VARIABLE = re.compile(r"\{(data_root|out|simulated|manifest)\}")
+MANIFEST = "manifest.yaml"
+
+
+@dataclass(frozen=True)
+class ManifestStep:
+    """Scan a dataset tree into ``OUT/manifest.yaml`` (see ``n2g-ct manifest scan``).
+
+    Attributes:
+        dataset: dataset definition name in ``data_manifests/`` (``mayo2016``) or its YAML path.
+        root: the dataset folder.
+        splits: splits to build (default: all of the definition's).
+    """
+
+    dataset: str
+    root: Path
+    splits: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,16 +91,22 @@ class EvaluateStep:
     """The paired evaluation.
 
     Attributes:
-        pairs: (low-dose, reference) series and slices to evaluate.
+        pairs: (low-dose, reference) series and slices to evaluate; or
+        split: the test pairs of this split of the recipe's manifest.
         models: training runs to evaluate (their last checkpoints), by name.
         bm3d: add BM3D with an estimated noise PSD (and the oracle PSD as an upper bound).
         max_slices: evaluate at most this many slices (evenly spaced); all when None.
     """
 
-    pairs: tuple[PairSelection, ...]
+    pairs: tuple[PairSelection, ...] = ()
+    split: str | None = None
     models: tuple[str, ...] = ()
     bm3d: bool = False
     max_slices: int | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.pairs) == (self.split is not None):
+            raise ValueError("give either pairs or split")
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,7 @@ class Recipe:
     name: str
     description: str = ""
     data_root: Path | None = None
+    manifest: ManifestStep | None = None
     simulate: tuple[SimulateStep, ...] = ()
     train: tuple[TrainStep, ...] = ()
     evaluate: EvaluateStep | None = None
@@ -102,6 +128,8 @@ class Recipe:
         names = [s.name for s in self.train]
         if len(set(names)) != len(names):
             raise ValueError(f"training run names must be unique, got {names}")
+        if self.evaluate is not None and self.evaluate.split is not None and self.manifest is None:
+            raise ValueError("evaluate.split needs a manifest section")
         if self.evaluate is not None:
             unknown = sorted(set(self.evaluate.models) - set(names))
             if unknown:
@@ -128,7 +156,8 @@ def load_recipe(path: Path, *, data_root: Path | None = None, out: Path, overrid
     root = data_root or (Path(path).parent / raw["data_root"] if raw.get("data_root") else None)
     if root is None and "{data_root}" in str(raw):
         raise ConfigError(f"{path}: uses {{data_root}}; pass --data-root")
-    variables = {"data_root": str(root), "out": str(out), "simulated": str(out / "simulated")}
+    variables = {"data_root": str(root), "out": str(out), "simulated": str(out / "simulated"),
+                 "manifest": str(out / MANIFEST)}
     recipe = from_dict(Recipe, _substitute(raw, variables), source=str(path))
     return dataclasses.replace(recipe, data_root=root)
 
@@ -168,6 +197,16 @@ def _train_configs(recipe: Recipe, out: Path, budget_minutes: float | None, devi
             data = apply_overrides(data, [f"run.device={device}"])
         configs[step.name] = from_dict(TrainConfig, data, source=f"train run {step.name!r}")
     return configs
+
+
+def _scan(step: ManifestStep, out: Path) -> None:
+    from n2g_ct.manifest import scan_dataset
+
+    target = out / MANIFEST
+    if target.exists():
+        log.info("manifest %s exists; skipping the scan", target)
+        return
+    log.info("%s", scan_dataset(step.dataset, step.root, target, splits=step.splits).render())
 
 
 def _simulate(step: SimulateStep, out: Path, device: str | None) -> None:
@@ -244,10 +283,12 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget_minutes: float | None = No
         overwrite: redo the evaluation even when its output exists.
     """
     from n2g_ct.atomic import atomic_file
-    from n2g_ct.evaluate import EvaluationResult, ModelSpec, evaluate
+    from n2g_ct.evaluate import EvaluationResult, ModelSpec, evaluate, evaluate_split
 
     configs = _train_configs(recipe, out, budget_minutes, device)
     out.mkdir(parents=True, exist_ok=True)
+    if recipe.manifest is not None:
+        _scan(recipe.manifest, out)
     for step in recipe.simulate:
         _simulate(step, out, device)
     checkpoints = {name: _train(name, config, progress) for name, config in configs.items()}
@@ -262,9 +303,11 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget_minutes: float | None = No
         evaluation = EvaluationResult(summary.parent, json.loads(summary.read_text()))
     elif recipe.evaluate is not None:
         spec = recipe.evaluate
-        evaluation = evaluate(
-            spec.pairs, out / "evaluation", models=[ModelSpec(m, checkpoints[m]) for m in spec.models],
-            bm3d=spec.bm3d, split=recipe.name, max_slices=spec.max_slices, device=device or "auto",
-            overwrite=overwrite, progress=progress,
-        )
+        options = dict(models=[ModelSpec(m, checkpoints[m]) for m in spec.models], bm3d=spec.bm3d,
+                       max_slices=spec.max_slices, device=device or "auto", overwrite=overwrite, progress=progress)
+        if spec.split is not None:
+            evaluation = evaluate_split(out / MANIFEST, spec.split, out / "evaluation",
+                                        data_root=recipe.manifest.root, **options)
+        else:
+            evaluation = evaluate(spec.pairs, out / "evaluation", split=recipe.name, **options)
     return PipelineResult(out, checkpoints, evaluation)
