@@ -3,8 +3,9 @@
 One loop serves Noise2Grad and the baselines: the method only changes which step function
 (:mod:`n2g_ct.noise2grad`) turns a batch into a loss. Under ``torchrun`` each process trains on its
 own crops with ``DistributedDataParallel`` (NCCL on GPU, gloo on CPU); rank 0 writes logs and
-checkpoints. Resume is exact: the crops of step ``t`` depend only on (seed, rank, t), and the
-checkpoint holds every RNG state, so a resumed run logs the same losses as an uninterrupted one.
+checkpoints. Resume is exact: the crops and detail-destruction masks of step ``t`` depend only on
+(seed, rank, t), and the checkpoint holds the model, optimiser, schedule and step budget, so a
+resumed run logs the same losses as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct.checkpoint import load_checkpoint, save_checkpoint
-from n2g_ct.config import from_dict, to_dict
+from n2g_ct.config import to_dict
 from n2g_ct.devices import Processes, init_processes, select_device
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.models import build_denoiser, build_noise_approximator
@@ -397,8 +398,3 @@ def _any_rank_stopped(stop: list[int], device: torch.device, processes: Processe
     flag = torch.tensor([1.0 if stop else 0.0], device=device)
     dist.all_reduce(flag)
     return bool(flag.item())
-
-
-def load_train_config(data: dict, source: str) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a plain mapping (e.g. stored in a checkpoint)."""
-    return from_dict(TrainConfig, data, source)
