@@ -122,32 +122,41 @@ def mask_seed(seed: int, rank: int, step: int) -> int:
 class StepBudget:
     """How many optimiser steps the run takes: ``optim.steps``, or as many as fit in ``optim.minutes``.
 
-    With a time budget the run times its first :data:`CALIBRATION_STEPS` steps and fixes the total
-    then (capped by ``optim.steps``); the learning rate is still constant at that point, so the
-    schedule is the same as if the total had been known from the start. The total is saved in
-    checkpoints: a resumed run keeps it.
+    With a time budget the run times steps :data:`WARMUP_STEPS` to :data:`CALIBRATION_STEPS` (the
+    first ones are slower) and fixes the total then: the steps done plus as many as fit in the rest
+    of the budget at that rate, capped by ``optim.steps``. The learning rate is still constant at
+    that point, so the schedule is the same as if the total had been known from the start. The
+    total is saved in checkpoints: a resumed run keeps it.
     """
 
     total: int
     minutes: float | None = None
     fixed: bool = True
+    warm: tuple[int, float] = (0, 0.0)  # (step, elapsed s) at the end of the warm-up
 
     @classmethod
     def from_config(cls, steps: int, minutes: float | None) -> StepBudget:
         return cls(steps, minutes, fixed=minutes is None)
 
     def calibrate(self, step: int, elapsed_s: float) -> None:
-        """Fix the total from the time the first ``step`` steps took (once, at the calibration step)."""
-        if self.fixed or step < CALIBRATION_STEPS:
+        """Note the warm-up time, then fix the total at the calibration step (once)."""
+        if self.fixed or step < WARMUP_STEPS:
             return
-        affordable = int(self.minutes * 60.0 * step / max(elapsed_s, 1e-9))
-        self.total = max(step, min(self.total, affordable))
+        if step == WARMUP_STEPS:
+            self.warm = (step, elapsed_s)
+            return
+        if step < CALIBRATION_STEPS:
+            return
+        seconds_per_step = max(elapsed_s - self.warm[1], 1e-9) / (step - self.warm[0])
+        remaining_s = max(self.minutes * 60.0 - elapsed_s, 0.0)
+        self.total = max(step, min(self.total, step + int(remaining_s / seconds_per_step)))
         self.fixed = True
-        log.info("time budget %.1f min: %d steps (%.3f s/step over the first %d)",
-                 self.minutes, self.total, elapsed_s / step, step)
+        log.info("time budget %.1f min: %d steps (%.3f s/step over steps %d-%d)",
+                 self.minutes, self.total, seconds_per_step, self.warm[0] + 1, step)
 
 
-CALIBRATION_STEPS = 20
+WARMUP_STEPS = 10
+CALIBRATION_STEPS = 60
 
 
 @dataclass
