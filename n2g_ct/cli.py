@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,7 +103,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"n2g-ct train: {exc}; continue with --resume", file=sys.stderr)
         return 128 + exc.signum
-    print(f"checkpoint: {checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"checkpoint: {checkpoint}")
     return 0
 
 
