@@ -195,14 +195,14 @@ class _CropStream(IterableDataset):
         self,
         draws: Sequence[tuple[SliceTable, tuple[str, ...]]],
         *,
-        batch_size: int,
-        crop_size: Sequence[int],
-        flip_prob: float,
-        window_hu: Sequence[float],
-        seed: int,
-        rank: int | None,
-        world_size: int | None,
-        start: int,
+        batch_size: int = 1,
+        crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
+        flip_prob: float = 0.5,
+        window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start: int = 0,
     ) -> None:
         if seed < 0 or start < 0 or batch_size < 1:
             raise ValueError(f"need seed ≥ 0, start ≥ 0 and batch_size ≥ 1, got {seed}, {start}, {batch_size}")
@@ -248,7 +248,8 @@ class _CropStream(IterableDataset):
 class UnpairedCropStream(_CropStream):
     """Endless (noisy, clean) crops, each float32 (1, h, w) in [0, 1]; a DataLoader batches (B, 1, h, w).
 
-    Args:
+    Args (``options`` are the keyword arguments of the common base: ``batch_size``, ``crop_size``,
+    ``flip_prob``, ``window_hu``, ``seed``, ``rank``, ``world_size``, ``start``):
         noisy, clean: the pools: :class:`SliceSelection` s, or series paths (all slices).
         crop_size: (rows, columns) in pixels.
         flip_prob: probability of each of the up-down and left-right flips.
@@ -267,24 +268,16 @@ class UnpairedCropStream(_CropStream):
         noisy: Iterable[SeriesLike],
         clean: Iterable[SeriesLike],
         *,
-        batch_size: int = 1,
-        crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
-        flip_prob: float = 0.5,
-        window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        start: int = 0,
         min_tissue_fraction: float = 0.0,
         cache: VolumeCache | None = None,
+        **options: Any,
     ) -> None:
         cache = cache or VolumeCache()
         draws = [
             (slice_pool("noisy pool", noisy, cache, min_tissue_fraction=min_tissue_fraction), (Keys.NOISY,)),
             (slice_pool("clean pool", clean, cache, min_tissue_fraction=min_tissue_fraction), (Keys.CLEAN,)),
         ]
-        super().__init__(draws, batch_size=batch_size, crop_size=crop_size, flip_prob=flip_prob,
-                         window_hu=window_hu, seed=seed, rank=rank, world_size=world_size, start=start)
+        super().__init__(draws, **options)
 
     @classmethod
     def from_split(cls, split: Split, **options: Any) -> UnpairedCropStream:
@@ -303,21 +296,12 @@ class PairedCropStream(_CropStream):
         self,
         pairs: Iterable[PairSelection],
         *,
-        batch_size: int = 1,
-        crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
-        flip_prob: float = 0.5,
-        window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        start: int = 0,
         min_tissue_fraction: float = 0.0,
         cache: VolumeCache | None = None,
+        **options: Any,
     ) -> None:
         table = pair_table(pairs, cache or VolumeCache(), min_tissue_fraction=min_tissue_fraction)
-        super().__init__([(table, (Keys.LOW_DOSE, Keys.REFERENCE))], batch_size=batch_size, crop_size=crop_size,
-                         flip_prob=flip_prob, window_hu=window_hu, seed=seed, rank=rank, world_size=world_size,
-                         start=start)
+        super().__init__([(table, (Keys.LOW_DOSE, Keys.REFERENCE))], **options)
 
 
 class PairedSliceDataset(Dataset):
