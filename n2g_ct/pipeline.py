@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 _VARIABLE = re.compile(r"\{(data_root|out|simulated|manifest)\}")
 MANIFEST = "manifest.yaml"
+CACHE = "cache"  # the evaluation's HU cache, OUT/cache (recipes point their training cache_dir there too)
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget_minutes: float | None = No
         overwrite: redo the evaluation even when its output exists.
     """
     from n2g_ct.atomic import atomic_file
+    from n2g_ct.cache import VolumeCache
     from n2g_ct.evaluate import EvaluationResult, ModelSpec, evaluate, evaluate_split
 
     configs = _train_configs(recipe, out, budget_minutes, device)
@@ -304,7 +306,8 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget_minutes: float | None = No
     elif recipe.evaluate is not None:
         spec = recipe.evaluate
         options = dict(models=[ModelSpec(m, checkpoints[m]) for m in spec.models], bm3d=spec.bm3d,
-                       max_slices=spec.max_slices, device=device or "auto", overwrite=overwrite, progress=progress)
+                       max_slices=spec.max_slices, device=device or "auto", overwrite=overwrite, progress=progress,
+                       cache=VolumeCache(out / CACHE))
         if spec.split is not None:
             evaluation = evaluate_split(out / MANIFEST, spec.split, out / "evaluation",
                                         data_root=recipe.manifest.root, **options)
