@@ -67,3 +67,37 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def export_model(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """Write an inference-only copy of a training checkpoint: F's weights and the settings to use them.
+
+    Drops the optimiser, the noise approximator and the training data paths (which may name
+    patients' folders), so the file is small and safe to share. ``n2g-ct denoise --model`` reads it
+    like a training checkpoint.
+
+    Returns:
+        The exported dict (without the format/version keys added on save).
+
+    Raises:
+        InputError: ``checkpoint`` is not an n2g-ct checkpoint or lacks the denoiser/config.
+    """
+    state = load_checkpoint(checkpoint)
+    try:
+        config = state["config"]
+        exported = {
+            "config": {
+                "data": {"window_hu": list(config["data"]["window_hu"]), "crop_size": config["data"]["crop_size"]},
+                "model": dict(config["model"]),
+                "method": dict(config["method"]),
+                "optim": dict(config["optim"]),
+            },
+            "denoiser": state["denoiser"],
+            "step": state["step"],
+            "total_steps": state["total_steps"],
+            "trained_with": dict(state.get("versions", {})),
+        }
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{checkpoint}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
+    save_checkpoint(exported, out)
+    return exported

@@ -145,7 +145,8 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="series folder, folder tree, DICOM file, NIfTI file, or manifest (.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (outside every input)")
-    parser.add_argument("--model", type=Path, help="checkpoint written by n2g-ct train")
+    parser.add_argument("--model", type=Path, help="checkpoint written by n2g-ct train or export (default: the "
+                        "starter model, trained on simulated quarter-dose chest CT; see the README's model card)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--split", help="manifest split whose low-dose series are denoised (default: its default)")
@@ -153,6 +154,28 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     parser.set_defaults(handler=_cmd_denoise)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from n2g_ct.checkpoint import export_model, file_sha256
+
+    exported = export_model(args.checkpoint, args.out)
+    print(f"{args.out}: {exported['config']['method']['name']} model after {exported['step']} steps, "
+          f"{args.out.stat().st_size / 2**20:.1f} MiB, sha256 {file_sha256(args.out)[:12]}")
+    return 0
+
+
+def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write an inference-only copy of a checkpoint (weights and settings; no optimiser or data paths)",
+        description="Copy the denoiser's weights and the settings needed to apply them into OUT, dropping the "
+        "optimiser state, the noise approximator and the training data paths: small and safe to share. "
+        "n2g-ct denoise --model and evaluate --model read it like a training checkpoint.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="checkpoint written by n2g-ct train")
+    parser.add_argument("--out", type=Path, required=True, help="the exported model (.pt)")
+    parser.set_defaults(handler=_cmd_export)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -304,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest_parser(subparsers)
     _add_train_parser(subparsers)
     _add_denoise_parser(subparsers)
+    _add_export_parser(subparsers)
     _add_evaluate_parser(subparsers)
     _add_simulate_parser(subparsers)
     _add_run_parser(subparsers)

@@ -58,6 +58,9 @@ from n2g_ct.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
+STARTER_MODEL = Path(__file__).parent / "models" / "starter_chest_quarter_dose.pt"
+"""The default model of ``n2g-ct denoise``: Noise2Grad trained on simulated quarter-dose chest CT
+(model card: README.md, "Starter model")."""
 SUMMARY_NAME = "denoise_summary.csv"
 SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "message")
 READ_CHUNK_SLICES = 32
@@ -366,7 +369,7 @@ def denoise_inputs(
     Args:
         inputs: series folders, folder trees, DICOM files, NIfTI files or manifest YAML files.
         out: output folder (created); must not lie inside an input.
-        model: checkpoint written by ``n2g-ct train``.
+        model: checkpoint written by ``n2g-ct train`` or ``n2g-ct export``; None: :data:`STARTER_MODEL`.
         split: manifest split whose low-dose series are denoised (default: the manifest's default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per forward pass (default: :data:`n2g_ct.inference.DEFAULT_BATCH_SIZE`).
@@ -378,11 +381,13 @@ def denoise_inputs(
         The outcome per job; ``ok`` is False when any failed. The CSV is written after each job.
 
     Raises:
-        InputError / ConfigError: no model, unreadable checkpoint, missing input, unsafe ``out``,
+        InputError / ConfigError: unreadable checkpoint, missing input, unsafe ``out``,
             bad batch size; nothing is written then.
     """
     if model is None:
-        raise InputError("no default model shipped yet; pass --model CHECKPOINT (a .pt file written by n2g-ct train)")
+        model = STARTER_MODEL
+        log.warning("no --model given: using the starter model %s (trained on simulated quarter-dose chest CT; "
+                    "train on your own scanner's data for real use)", model.name)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
     state = load_checkpoint(model)

@@ -3,47 +3,108 @@
 With ``x`` noisy crops and ``y`` unrelated clean crops (both in [0, 1], (B, C, H, W)):
 
 1. ``n_hat = x − F(x)``; ``n_tilde = G(n_hat)``
-2. ``x_s = clamp(y + n_tilde.detach() ⊙ m, 0, 1)`` with ``m`` = ±1 per element (detail destruction)
+2. ``x_s = clamp(y + D(n_tilde.detach()), 0, 1)`` with ``D`` the detail destruction
 3. ``L_denoise = MSE(F(x_s), y)`` every step; ``L_grad = MSE(∇n_tilde, ∇x)`` on steps ``t`` with
    ``t mod τ == 0``, ``τ = ⌊t/period⌋ + 1`` (update delay); ``loss = L_denoise + L_grad``.
 
-The step only computes losses; the caller owns the optimiser, the step counter and logging. It
-keeps the input dtype and works inside ``torch.autocast``.
+Two variants (`Noise2GradOptions.variant`):
+
+- ``faithful``, the paper and its official code: ``D`` multiplies by random ±1 per pixel; G (a 1×1
+  conv) is learned by the optimiser from ~0; ``L_grad`` trains F too, through ``n_hat``.
+- ``default``, this toolkit's: ``D`` randomises the Fourier phases of each crop (keeps the noise
+  power spectrum, so CT's spatially correlated noise stays correlated); G's scale is the
+  least-squares fit of ``∇n_hat`` to ``∇x`` (a moving average, starting at 1), so the synthetic
+  noise has the right strength from the first step; ``L_grad`` sets that scale only, and F learns
+  from the synthetic pairs. Each change is an option; BENCHMARKS.md measures them alone and together.
+
+The step only computes losses (and, for a fitted scale, updates G in place); the caller owns the
+optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from n2g_ct.losses import denoise_loss, gradient_loss
+from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
+
+DESTRUCTIONS = ("sign", "phase")
+NOISE_SCALES = ("learned", "fitted")
+
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "faithful": {"destruction": "sign", "grad_into_denoiser": True, "noise_scale": "learned"},
+    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "fitted"},
+}
+"""The choices each variant makes for the options left unset (see `Noise2GradOptions`)."""
 
 
 @dataclass(frozen=True)
 class Noise2GradOptions:
-    """Switches of the Noise2Grad step; the defaults are the paper's method.
+    """Switches of the Noise2Grad step.
+
+    ``variant`` picks the method: ``faithful`` is the paper's (Lin et al., IJCAI 2021, and its
+    official code); ``default`` is this toolkit's, which departs from it where the ablation in
+    BENCHMARKS.md measured a win. Options left unset (``None``) take the variant's value
+    (`VARIANTS`); set ones override it.
 
     Attributes:
+        variant: ``default`` or ``faithful``.
         period: update-delay period, in optimiser steps (paper: 500); ``τ = ⌊t/period⌋ + 1``.
             Scale it with the run length for short runs.
-        detail_destruction: multiply the extracted noise by a random ±1 mask before adding it to
-            the clean image; ``False`` is the N2G_D ablation (``m ≡ 1``).
+        detail_destruction: scramble the extracted noise before adding it to the clean image;
+            ``False`` is the N2G_D ablation (``m ≡ 1``).
         update_delay: apply the gradient loss only on steps with ``t mod τ == 0``; ``False`` is the
             N2G_U ablation (``τ ≡ 1``, every step).
+        destruction: how detail destruction scrambles the noise: ``sign`` (paper) flips the sign of
+            each pixel, which whitens spatially correlated noise; ``phase`` randomises the Fourier
+            phases of each crop, which destroys image structure but keeps the noise power spectrum.
+        grad_into_denoiser: the gradient loss also trains F through ``n_hat`` (paper). ``False``:
+            it sets the noise scale only, and F learns from the synthetic pairs alone.
+        noise_scale: ``learned`` (paper): G is trained by the optimiser on the gradient loss.
+            ``fitted``: on gradient-loss steps G's weight moves towards the least-squares scale
+            ``a = <∇n_hat, ∇x> / <∇n_hat, ∇n_hat>`` (per channel, over the batch), an exponential
+            moving average with weight ``scale_momentum``; the optimiser does not touch G.
+        scale_momentum: weight of each new fit in the moving average of ``fitted``, in (0, 1].
+        noise_gain: ``r`` ≥ 1: each sample's synthetic noise is multiplied by a gain drawn
+            log-uniformly from [1/r, r], so F learns to remove noise of any level in that range
+            (CT noise varies along the body; the slices to denoise may be noisier than the pool).
+            1 (paper): no gain.
     """
 
+    variant: str = "default"
     period: int = 500
     detail_destruction: bool = True
     update_delay: bool = True
+    destruction: str | None = None
+    grad_into_denoiser: bool | None = None
+    noise_scale: str | None = None
+    scale_momentum: float = 0.1
+    noise_gain: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Noise2GradOptions.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        for name, value in VARIANTS[self.variant].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         _require_positive_int(self.period, "Noise2GradOptions.period (optimiser steps)")
-        for name in ("detail_destruction", "update_delay"):
+        for name in ("detail_destruction", "update_delay", "grad_into_denoiser"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"Noise2GradOptions.{name} must be true or false, got {value!r}")
+        for name, allowed in (("destruction", DESTRUCTIONS), ("noise_scale", NOISE_SCALES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Noise2GradOptions.{name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        if not 0.0 < self.scale_momentum <= 1.0:
+            raise ValueError(f"Noise2GradOptions.scale_momentum must be in (0, 1], got {self.scale_momentum!r}")
+        if not self.noise_gain >= 1.0:
+            raise ValueError(f"Noise2GradOptions.noise_gain must be >= 1, got {self.noise_gain!r}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +115,8 @@ class StepResult:
         loss: scalar to call ``backward()`` on.
         denoise_loss: detached scalar tensor (kept on the device: no host sync per step; ``float()``
             it when logging).
-        grad_loss: detached scalar tensor, or ``None`` on steps without the gradient loss.
+        grad_loss: detached scalar tensor, or ``None`` on steps without the gradient loss (with
+            a ``fitted`` scale and ``grad_into_denoiser`` off it is reported but trains nothing).
         images: detached (B, C, H, W) tensors by name, for logging and inspection. Noise2Grad:
             ``n_hat``, ``n_tilde``, ``x_s`` (synthetic noisy image), ``x_s_denoised``; baselines:
             ``prediction``.
@@ -108,6 +170,81 @@ def detail_destruction_mask(shape: torch.Size | tuple[int, ...], generator: torc
     return bits * 2 - 1
 
 
+def phase_scramble(noise: Tensor, generator: torch.Generator) -> Tensor:
+    """Randomise the Fourier phases of each (H, W) image, keeping its amplitude spectrum.
+
+    The phases are those of a white Gaussian field drawn from ``generator`` (a valid Hermitian
+    phase field, so the result is real). Image structure (edges, organs) is scrambled into texture
+    while the noise power spectrum, and so the spatial correlation of CT noise, is kept exactly.
+
+    Args:
+        noise: (B, C, H, W).
+        generator: seeded ``torch.Generator``; its device is where the phases are drawn.
+
+    Returns:
+        (B, C, H, W), same dtype and device, same amplitude spectrum per image.
+
+    >>> n = torch.randn(1, 1, 8, 8)
+    >>> s = phase_scramble(n, torch.Generator().manual_seed(0))
+    >>> bool(torch.allclose(torch.fft.rfft2(s).abs(), torch.fft.rfft2(n).abs(), atol=1e-4))
+    True
+    """
+    white = torch.randn(tuple(noise.shape), generator=generator, device=generator.device).to(noise.device)
+    phases = torch.fft.rfft2(white)
+    phases = phases / phases.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    scrambled = torch.fft.irfft2(torch.fft.rfft2(noise.float()) * phases, s=tuple(noise.shape[-2:]))
+    return scrambled.to(noise.dtype)
+
+
+def destroy_details(noise: Tensor, options: Noise2GradOptions, generator: torch.Generator) -> Tensor:
+    """Detail destruction of the extracted noise, (B, C, H, W) → same, as ``options`` selects."""
+    if not options.detail_destruction:
+        return noise
+    if options.destruction == "phase":
+        return phase_scramble(noise, generator)
+    return noise * detail_destruction_mask(noise.shape, generator).to(noise)
+
+
+def random_noise_gain(batch: int, max_gain: float, generator: torch.Generator) -> Tensor:
+    """(batch, 1, 1, 1) gains drawn log-uniformly from [1/max_gain, max_gain] (all 1 when max_gain is 1).
+
+    >>> gains = random_noise_gain(1000, 2.0, torch.Generator().manual_seed(0))
+    >>> bool(gains.min() >= 0.5 and gains.max() <= 2.0)
+    True
+    """
+    uniform = torch.rand((batch, 1, 1, 1), generator=generator, device=generator.device)
+    return torch.exp((2 * uniform - 1) * math.log(max_gain))
+
+
+@torch.no_grad()
+def fit_noise_scale_(noise_approximator: nn.Conv2d, n_hat: Tensor, x: Tensor, momentum: float) -> Tensor:
+    """Move G towards the least-squares scale of ``∇n_hat`` against ``∇x``; returns the fitted scale.
+
+    ``a_c = <∇n_hat_c, ∇x_c> / <∇n_hat_c, ∇n_hat_c>`` per channel over the batch (summed over all
+    processes under ``torch.distributed``, so every rank fits the same scale). G becomes diagonal:
+    ``weight ← (1 − momentum)·weight + momentum·diag(a)``, bias 0 (the gradient loss is blind to it).
+
+    Args:
+        noise_approximator: G, a ``channels → channels`` 1×1 convolution; updated in place.
+        n_hat: removed noise ``x − F(x)``, (B, C, H, W).
+        x: noisy input, (B, C, H, W).
+        momentum: weight of this fit, in (0, 1].
+
+    Returns:
+        (C,) the scale fitted on this batch.
+    """
+    grad_n, grad_x = image_gradient(n_hat.float()), image_gradient(x.float())
+    sums = torch.stack([(grad_n * grad_x).sum(dim=(0, 2, 3)), (grad_n * grad_n).sum(dim=(0, 2, 3))])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    scale = sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)
+    weight = noise_approximator.weight
+    target = torch.diag(scale).to(weight).view_as(weight)
+    weight.mul_(1 - momentum).add_(momentum * target)
+    noise_approximator.bias.zero_()
+    return scale
+
+
 def noise2grad_step(
     denoiser: nn.Module,
     noise_approximator: nn.Module,
@@ -139,20 +276,27 @@ def noise2grad_step(
         )
     apply_gradient_loss = uses_gradient_loss(step, options.period, options.update_delay)
 
-    # Without the gradient loss this branch feeds only the detached synthetic noise: no graph needed.
-    with torch.set_grad_enabled(apply_gradient_loss and torch.is_grad_enabled()):
+    # The graph through F is needed only where the gradient loss trains F; through G, only where
+    # the optimiser learns G. Otherwise the branch feeds the detached synthetic noise alone.
+    train_denoiser = apply_gradient_loss and options.grad_into_denoiser and torch.is_grad_enabled()
+    learn_scale = apply_gradient_loss and options.noise_scale == "learned" and torch.is_grad_enabled()
+    with torch.set_grad_enabled(train_denoiser):
         n_hat = x - denoiser(x)
+    if apply_gradient_loss and options.noise_scale == "fitted" and torch.is_grad_enabled():
+        fit_noise_scale_(noise_approximator, n_hat.detach(), x, options.scale_momentum)
+    with torch.set_grad_enabled(train_denoiser or learn_scale):
         n_tilde = noise_approximator(n_hat)
-    noise = n_tilde.detach()
-    if options.detail_destruction:
-        noise = noise * detail_destruction_mask(noise.shape, generator).to(noise)
+    noise = destroy_details(n_tilde.detach(), options, generator)
+    if options.noise_gain > 1:
+        noise = noise * random_noise_gain(len(noise), options.noise_gain, generator).to(noise)
     x_s = (y + noise).clamp(0, 1)
     x_s_denoised = denoiser(x_s)
 
     loss_denoise = denoise_loss(x_s_denoised, y)
     loss_grad = gradient_loss(n_tilde, x) if apply_gradient_loss else None
+    trains = loss_grad is not None and loss_grad.requires_grad
     return StepResult(
-        loss=loss_denoise if loss_grad is None else loss_denoise + loss_grad,
+        loss=loss_denoise + loss_grad if trains else loss_denoise,
         denoise_loss=loss_denoise.detach(),
         grad_loss=None if loss_grad is None else loss_grad.detach(),
         images={

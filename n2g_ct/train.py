@@ -69,9 +69,12 @@ class TrainingObjective(nn.Module):
         model = config.model
         self.method = config.method
         self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth, model.residual)
-        self.noise_approximator = (
-            build_noise_approximator(model.channels, model.g_init_scale) if self.method.name == "noise2grad" else None
-        )
+        self.noise_approximator = None
+        if self.method.name == "noise2grad":
+            fitted = self.method.noise2grad.noise_scale == "fitted"
+            # A fitted scale starts from the identity unless told otherwise; the optimiser leaves it alone.
+            init_scale = 1.0 if fitted and model.g_init_scale is None else model.g_init_scale
+            self.noise_approximator = build_noise_approximator(model.channels, init_scale).requires_grad_(not fitted)
 
     def forward(self, batch: dict[str, Tensor], step: int, generator: torch.Generator) -> tuple[Tensor, StepResult]:
         name = self.method.name

@@ -69,7 +69,8 @@ class ModelConfig:
         channels: image channels (1 for CT).
         base_width: channels of the first U-Net level (official: 32).
         depth: max-pool downsamplings (official: 3).
-        g_init_scale: start G at weight = scale·identity; ``None`` is the paper's random init.
+        g_init_scale: start G at weight = scale·identity; ``None``: the paper's random init for a
+            learned G, the identity for a fitted one (``method.noise2grad.noise_scale``).
         residual: F outputs ``x + U-Net(x)``, starting as the identity (not the paper's network).
     """
 
@@ -90,7 +91,8 @@ class MethodConfig:
 
     Attributes:
         name: ``noise2grad`` (unpaired pools), ``supervised`` or ``noise2noise`` (``data.paired``).
-        noise2grad: options of the Noise2Grad step (update-delay period, ablation switches).
+        noise2grad: options of the Noise2Grad step: ``variant`` (``default`` or the paper's
+            ``faithful``), update-delay period, ablation switches (`Noise2GradOptions`).
     """
 
     name: Literal["noise2grad", "supervised", "noise2noise"] = "noise2grad"

@@ -205,9 +205,16 @@ def test_out_inside_an_input_is_refused_before_writing(scans, model, where, caps
     assert where == "ancestor" or not out.exists()
 
 
-def test_missing_model_and_bad_arguments_exit_2(scans, model, tmp_path, capsys):
-    assert run_cli(scans, "--out", tmp_path / "out") == 2
-    assert "no default model shipped yet; pass --model" in capsys.readouterr().err
+def test_without_a_model_the_shipped_starter_model_denoises(scans, tmp_path, caplog):
+    assert denoise_module.STARTER_MODEL.is_file()
+    assert denoise_module.STARTER_MODEL.stat().st_size < 8 * 2**20  # small enough to ship
+    assert run_cli(scans, "--out", tmp_path / "out") == 0
+    assert "using the starter model" in caplog.text
+    rows = summary_rows(tmp_path / "out")
+    assert rows and all(row["status"] == "done" for row in rows)
+
+
+def test_bad_arguments_exit_2(scans, model, tmp_path):
     assert run_cli(scans, "--out", tmp_path / "out", "--model", model, "--batch-size", "0") == 2
     assert run_cli(tmp_path / "nowhere", "--out", tmp_path / "out", "--model", model) == 2
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""The Noise2Grad step: update-delay schedule, detail-destruction masks, losses and ablations."""
+"""The Noise2Grad step: update-delay schedule, detail destruction, losses, variants and ablations."""
 
 import dataclasses
 import doctest
@@ -11,9 +11,12 @@ import n2g_ct.noise2grad
 from n2g_ct.losses import gradient_loss
 from n2g_ct.models import build_denoiser, build_noise_approximator
 from n2g_ct.noise2grad import (
+    VARIANTS,
     Noise2GradOptions,
     detail_destruction_mask,
+    fit_noise_scale_,
     noise2grad_step,
+    phase_scramble,
     noise2noise_step,
     supervised_step,
     update_delay,
@@ -21,6 +24,11 @@ from n2g_ct.noise2grad import (
 )
 
 SHAPE = (2, 1, 16, 16)
+FAITHFUL = Noise2GradOptions(variant="faithful")
+
+
+def faithful(**changes) -> Noise2GradOptions:
+    return dataclasses.replace(FAITHFUL, **changes)
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +53,7 @@ def batch():
     return x, y
 
 
-def _run(models, batch, step, options=Noise2GradOptions(), seed=7):
+def _run(models, batch, step, options=FAITHFUL, seed=7):
     return noise2grad_step(*models, *batch, step, options, torch.Generator().manual_seed(seed))
 
 
@@ -100,15 +108,30 @@ def test_mask_is_reproducible_and_uses_only_its_generator():
     assert not torch.equal(first, detail_destruction_mask(SHAPE, torch.Generator().manual_seed(4)))
 
 
-def test_options_defaults_are_the_paper_and_bad_values_raise():
-    paper = Noise2GradOptions(period=500, detail_destruction=True, update_delay=True)
-    assert Noise2GradOptions() == paper
+def test_faithful_variant_is_the_paper_and_default_is_the_toolkits():
+    paper = dict(period=500, detail_destruction=True, update_delay=True, destruction="sign",
+                 grad_into_denoiser=True, noise_scale="learned")
+    assert all(getattr(FAITHFUL, name) == value for name, value in paper.items())
+    default = Noise2GradOptions()
+    assert (default.variant, default.destruction, default.grad_into_denoiser, default.noise_scale) == (
+        "default", "phase", False, "fitted")
+    assert Noise2GradOptions(variant="faithful", destruction="phase").destruction == "phase"  # set ones override
+    assert set(VARIANTS) == {"default", "faithful"}
+
+
+def test_bad_options_raise():
     with pytest.raises(ValueError, match="period .* >= 1"):
         Noise2GradOptions(period=0)
     with pytest.raises(ValueError, match="period"):
         Noise2GradOptions(period=2.5)
     with pytest.raises(ValueError, match="detail_destruction must be true or false"):
         Noise2GradOptions(detail_destruction="yes")
+    with pytest.raises(ValueError, match="variant must be one of faithful, default"):
+        Noise2GradOptions(variant="paper")
+    with pytest.raises(ValueError, match="destruction must be one of sign, phase"):
+        Noise2GradOptions(destruction="blocks")
+    with pytest.raises(ValueError, match="scale_momentum"):
+        Noise2GradOptions(scale_momentum=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         Noise2GradOptions().period = 3
 
@@ -116,15 +139,15 @@ def test_options_defaults_are_the_paper_and_bad_values_raise():
 def test_step_rejects_mismatched_batches(models, batch):
     x, y = batch
     with pytest.raises(ValueError, match="same shape|one shape"):
-        noise2grad_step(*models, x, y[:1], 1, Noise2GradOptions(), torch.Generator())
+        noise2grad_step(*models, x, y[:1], 1, FAITHFUL, torch.Generator())
 
 
 @pytest.mark.parametrize(
     "options, expected",
     [
-        (Noise2GradOptions(period=3), {1, 2, 4, 6}),  # τ = 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5
-        (Noise2GradOptions(period=3, update_delay=False), set(range(1, 13))),
-        (Noise2GradOptions(), set(range(1, 13))),
+        (faithful(period=3), {1, 2, 4, 6}),  # τ = 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5
+        (faithful(period=3, update_delay=False), set(range(1, 13))),
+        (FAITHFUL, set(range(1, 13))),
     ],
 )
 def test_gradient_loss_applied_on_exactly_the_scheduled_steps(models, batch, options, expected):
@@ -156,7 +179,7 @@ def test_synthetic_image_is_clean_plus_masked_extracted_noise(models, batch):
 def test_without_detail_destruction_only_the_mask_changes(models, batch):
     _, y = batch
     paper = _run(models, batch, step=1)
-    ablation = _run(models, batch, step=1, options=Noise2GradOptions(detail_destruction=False))
+    ablation = _run(models, batch, step=1, options=faithful(detail_destruction=False))
     n_tilde = ablation.images["n_tilde"]
     torch.testing.assert_close(ablation.images["x_s"], (y + n_tilde).clamp(0, 1))
     for unchanged in ("n_hat", "n_tilde"):
@@ -168,7 +191,7 @@ def test_without_detail_destruction_only_the_mask_changes(models, batch):
 def test_without_update_delay_only_the_schedule_changes(models, batch):
     step = 501  # τ = 2 with the default period: not a scheduled step
     paper = _run(models, batch, step)
-    ablation = _run(models, batch, step, Noise2GradOptions(update_delay=False))
+    ablation = _run(models, batch, step, faithful(update_delay=False))
     assert paper.grad_loss is None and ablation.grad_loss is not None
     torch.testing.assert_close(ablation.denoise_loss, paper.denoise_loss)
     for name in paper.images:
@@ -185,7 +208,7 @@ def test_same_seed_gives_identical_results(models, batch):
 def test_noise_approximator_learns_only_from_the_gradient_loss(models, batch):
     denoiser, approximator = models
     x, _ = batch
-    options = Noise2GradOptions(period=3)
+    options = faithful(period=3)
 
     _run(models, batch, step=3, options=options).loss.backward()  # τ = 2: no gradient loss
     assert all(p.grad is None for p in approximator.parameters())
@@ -231,7 +254,7 @@ def test_a_few_optimiser_steps_reduce_the_denoising_loss():
     parameters = [*denoiser.parameters(), *approximator.parameters()]
     optimiser = torch.optim.Adam(parameters, lr=1e-3, betas=(0.5, 0.999))
     data, masks = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    options = Noise2GradOptions(period=10)
+    options = faithful(period=10)
     losses = []
     for step in range(1, 31):
         clean_for_noisy, y = torch.rand(2, 4, 1, 32, 32, generator=data)
@@ -242,3 +265,76 @@ def test_a_few_optimiser_steps_reduce_the_denoising_loss():
         optimiser.step()
         losses.append(float(result.denoise_loss))
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+def _correlated(shape, seed, correlation_px=1.5):
+    """Gaussian noise blurred in-plane (unit std), like CT noise; torch only."""
+    generator = torch.Generator().manual_seed(seed)
+    white = torch.randn(shape, generator=generator)
+    radius = 4
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / (2 * correlation_px**2))
+    kernel = (kernel[:, None] * kernel[None, :] / kernel.sum() ** 2)[None, None]
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(white, (radius,) * 4, mode="circular"), kernel)
+    return blurred / blurred.std()
+
+
+def _neighbour_correlation(noise):
+    return float(torch.corrcoef(torch.stack([noise[..., :, :-1].flatten(), noise[..., :, 1:].flatten()]))[0, 1])
+
+
+def test_phase_scramble_keeps_the_noise_spectrum_that_sign_flips_whiten():
+    noise = _correlated((4, 1, 64, 64), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    scrambled = phase_scramble(noise, generator)
+    flipped = noise * detail_destruction_mask(noise.shape, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.fft.rfft2(scrambled).abs(), torch.fft.rfft2(noise).abs(), atol=1e-3, rtol=1e-4)
+    assert _neighbour_correlation(noise) > 0.7
+    assert abs(_neighbour_correlation(scrambled) - _neighbour_correlation(noise)) < 0.05
+    assert abs(_neighbour_correlation(flipped)) < 0.05  # the paper's per-pixel signs make it white
+    # Structure is destroyed: the scrambled field is uncorrelated with its input.
+    assert abs(float(torch.corrcoef(torch.stack([scrambled.flatten(), noise.flatten()]))[0, 1])) < 0.1
+    assert not torch.equal(scrambled, phase_scramble(noise, torch.Generator().manual_seed(2)))
+
+
+def test_an_edge_becomes_texture_under_phase_scrambling():
+    edge = torch.zeros(1, 1, 32, 32)
+    edge[..., 16:] = 1.0
+    scrambled = phase_scramble(edge - edge.mean(), torch.Generator().manual_seed(0))
+    column_means = scrambled[0, 0].mean(dim=0)
+    assert column_means[16:].mean() - column_means[:16].mean() < 0.25  # no step left at the edge
+
+
+def test_fitted_scale_recovers_the_amplitude_of_partially_removed_noise():
+    """G's least-squares scale turns ``n_hat = c·n`` back into ``n``: a = 1/c."""
+    generator = torch.Generator().manual_seed(3)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(2, 1, 72, 72, generator=generator), 9, stride=1)
+    noise = 0.1 * _correlated(smooth.shape, seed=4)
+    x = smooth + noise
+    approximator = build_noise_approximator(init_scale=1.0)
+    scale = fit_noise_scale_(approximator, 0.25 * noise, x, momentum=1.0)
+    assert scale.shape == (1,)
+    assert float(scale) == pytest.approx(4.0, rel=0.05)
+    assert float(approximator.weight.detach()) == pytest.approx(float(scale))
+    fit_noise_scale_(approximator, 0.5 * noise, x, momentum=0.25)  # a moving average towards 2
+    assert float(approximator.weight.detach()) == pytest.approx(0.75 * float(scale) + 0.25 * 2.0, rel=0.03)
+    assert float(approximator.bias) == 0.0
+
+
+def test_default_variant_trains_the_denoiser_on_synthetic_pairs_only(batch):
+    """With ``grad_into_denoiser`` off, F's gradient is that of the denoising loss, and G gets none."""
+    options = Noise2GradOptions(period=3)
+    denoiser, approximator = build_denoiser(base_width=4, depth=2), build_noise_approximator(init_scale=0.5)
+    approximator.requires_grad_(False)
+    x, y = batch
+    result = noise2grad_step(denoiser, approximator, x, y, 4, options, torch.Generator().manual_seed(0))
+    assert result.grad_loss is not None  # scheduled: reported, and the scale was fitted
+    assert float(approximator.weight) > 0.5  # moved towards the fit (≈ 1 for an untrained F)
+    step_gradients = torch.autograd.grad(result.loss, list(denoiser.parameters()))
+    denoise_only = torch.autograd.grad(((denoiser(result.images["x_s"]) - y) ** 2).mean(), list(denoiser.parameters()))
+    for actual, wanted in zip(step_gradients, denoise_only, strict=True):
+        torch.testing.assert_close(actual, wanted)
+    torch.testing.assert_close(result.loss.detach(), result.denoise_loss)
+    # The synthetic image carries the phase-scrambled extracted noise.
+    noise = phase_scramble(result.images["n_tilde"], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result.images["x_s"], (y + noise).clamp(0, 1))

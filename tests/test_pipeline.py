@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,17 @@ def test_mayo_recipes_run_end_to_end_on_a_fake_mayo_tree(tmp_path, split):
     assert {m["name"] for m in summary["methods"]} >= {"noisy", "noise2grad"}
     report = (out / "evaluation" / "report.md").read_text()
     assert split in report
+
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+@pytest.mark.parametrize("recipe_path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_and_its_training_runs_validate(recipe_path, tmp_path):
+    from n2g_ct.config import from_dict
+    from n2g_ct.train_config import TrainConfig
+
+    recipe = load_recipe(recipe_path, data_root=tmp_path / "data", out=tmp_path / "out")
+    assert recipe.train
+    for step in recipe.train:
+        from_dict(TrainConfig, step.config, source=f"{recipe_path.name}: {step.name}")

@@ -1,0 +1,101 @@
+"""Noise2Grad's synthesised noise level over training against the true noise level, and learning curves.
+
+    python -m n2g_ct.benchmarks.noise_scale --run default=RUN_DIR --run faithful=RUN_DIR \\
+        --low-dose LOW_DOSE_SERIES --reference REFERENCE_SERIES --slices 110:141 --out FIGURE.png
+
+Reads each run's ``train_log.csv`` (``noise_std``: the std of ``n_tilde`` over the batch, in network
+units; ``g_weight``: G's mean weight) and ``validation.csv``. The true noise is measured *after* the
+fact, on paired test slices the runs never trained on: the std of (low dose − reference) over random
+crops of the training crop size, in HU, pooled like the training log's batch std. Writes one
+figure (synthesised noise std in HU and G's weight against steps, validation PSNR against steps
+and minutes) and prints a table of the last logged values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from n2g_ct.checkpoint import load_checkpoint
+from n2g_ct.io import read_volume
+from n2g_ct.reports import figure, png
+
+
+def true_noise_std_hu(low_dose: np.ndarray, reference: np.ndarray, crop: int, crops: int = 256, seed: int = 0) -> float:
+    """Std (HU) of ``low_dose − reference`` over ``crops`` random ``crop``² crops, pooled like a batch.
+
+    Args:
+        low_dose, reference: (z, y, x) HU, aligned.
+    """
+    difference = low_dose.astype(np.float64) - reference
+    rng = np.random.default_rng(seed)
+    z = rng.integers(0, difference.shape[0], crops)
+    y = rng.integers(0, difference.shape[1] - crop + 1, crops)
+    x = rng.integers(0, difference.shape[2] - crop + 1, crops)
+    patches = np.stack([difference[k, i : i + crop, j : j + crop] for k, i, j in zip(z, y, x, strict=True)])
+    return float(patches.std())
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _window_width_hu(run_dir: Path) -> tuple[float, int]:
+    config = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+    low, high = config["data"]["window_hu"]
+    return float(high - low), int(config["data"]["crop_size"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a training run folder")
+    parser.add_argument("--low-dose", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, required=True)
+    parser.add_argument("--slices", default=":", help="test slices as START:STOP (default: all)")
+    parser.add_argument("--out", type=Path, required=True, help="figure (PNG)")
+    args = parser.parse_args(argv)
+
+    runs = {name: Path(folder) for name, _, folder in (item.partition("=") for item in args.run)}
+    start, _, stop = args.slices.partition(":")
+    chosen = slice(int(start) if start else None, int(stop) if stop else None)
+    width_hu, crop = _window_width_hu(next(iter(runs.values())))
+    true_std = true_noise_std_hu(read_volume(args.low_dose).hu[chosen], read_volume(args.reference).hu[chosen], crop)
+
+    fig = figure(16, 4)
+    noise_axis, weight_axis, steps_axis, minutes_axis = fig.subplots(1, 4)
+    print(f"true noise std on the test slices: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
+    print("| run | steps | G weight | synthesised noise std (HU) | ratio to true | last validation PSNR (dB) |")
+    print("|---|---|---|---|---|---|")
+    for name, run_dir in runs.items():
+        log = [r for r in _rows(run_dir / "train_log.csv") if r.get("noise_std")]
+        steps = [int(r["step"]) for r in log]
+        noise_hu = [float(r["noise_std"]) * width_hu for r in log]
+        weights = [float(r["g_weight"]) for r in log]
+        minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in _rows(run_dir / "train_log.csv")}
+        validation = [(int(r["step"]), float(r["psnr_display"])) for r in _rows(run_dir / "validation.csv")]
+        noise_axis.plot(steps, noise_hu, label=name, alpha=0.8)
+        weight_axis.plot(steps, weights, label=name)
+        steps_axis.plot([s for s, _ in validation], [p for _, p in validation], marker=".", label=name)
+        minutes_axis.plot([minutes.get(s, np.nan) for s, _ in validation], [p for _, p in validation],
+                          marker=".", label=name)
+        last_noise = float(np.median(noise_hu[-10:]))
+        print(f"| {name} | {steps[-1]} | {weights[-1]:.3f} | {last_noise:.1f} | {last_noise / true_std:.2f} | "
+              f"{validation[-1][1]:.2f} |")
+    noise_axis.axhline(true_std, color="black", linestyle="--", label="true (test, after the fact)")
+    noise_axis.set(xlabel="optimiser steps", ylabel="std of synthesised noise n_tilde (HU)")
+    weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale)")
+    steps_axis.set(xlabel="optimiser steps", ylabel="validation PSNR (dB), [-160, 240] HU")
+    minutes_axis.set(xlabel="training time (min)", ylabel="validation PSNR (dB), [-160, 240] HU")
+    for axis in (noise_axis, weight_axis, steps_axis, minutes_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    args.out.write_bytes(png(fig))
+    print(f"figure: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
