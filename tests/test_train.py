@@ -274,4 +274,4 @@ def test_noise_scale_benchmark_compares_synthesised_and_true_noise(synthetic, tm
                       "--reference", str(synthetic / "test_ref"), "--out", str(figure)])
     printed = capsys.readouterr().out
     assert figure.read_bytes().startswith(b"\x89PNG")
-    assert "| default | 6 |" in printed and "true noise std" in printed
+    assert "| default | 6 |" in printed and "true noise std on slices" in printed

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fig = figure(16, 4)
     noise_axis, weight_axis, steps_axis, minutes_axis = fig.subplots(1, 4)
-    print(f"true noise std on the test slices: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
+    print(f"true noise std on slices {args.slices}: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
     print("| run | steps | G weight | synthesised noise std (HU) | ratio to true | last validation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
     for name, run_dir in runs.items():
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         last_noise = float(np.median(noise_hu[-10:]))
         print(f"| {name} | {steps[-1]} | {weights[-1]:.3f} | {last_noise:.1f} | {last_noise / true_std:.2f} | "
               f"{validation[-1][1]:.2f} |")
-    noise_axis.axhline(true_std, color="black", linestyle="--", label="true (test, after the fact)")
+    noise_axis.axhline(true_std, color="black", linestyle="--", label="true (paired slices, measured after training)")
     noise_axis.set(xlabel="optimiser steps", ylabel="std of synthesised noise n_tilde (HU)")
     weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale)")
     steps_axis.set(xlabel="optimiser steps", ylabel="validation PSNR (dB), [-160, 240] HU")
