@@ -80,8 +80,11 @@ def export_model(checkpoint: Path, out: Path) -> dict[str, Any]:
         The exported dict (without the format/version keys added on save).
 
     Raises:
-        InputError: ``checkpoint`` is not an n2g-ct checkpoint or lacks the denoiser/config.
+        InputError: ``checkpoint`` is not an n2g-ct checkpoint or lacks the denoiser/config, or
+            ``out`` is the checkpoint itself (its optimiser state would be lost).
     """
+    if Path(out).expanduser().resolve() == Path(checkpoint).expanduser().resolve():
+        raise InputError(f"{out}: the export would replace the checkpoint it is made from; choose another --out")
     state = load_checkpoint(checkpoint)
     try:
         config = state["config"]

@@ -174,6 +174,10 @@ def test_exported_model_is_small_path_free_and_denoises_identically(synthetic, t
     outputs = [denoise_volume(denoiser_from_checkpoint(load_checkpoint(path), device="cpu"), hu)
                for path in (checkpoint, exported)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+    before = checkpoint.read_bytes()
+    with pytest.raises(InputError, match="would replace the checkpoint"):
+        export_model(checkpoint, checkpoint)
+    assert checkpoint.read_bytes() == before
 
 
 def test_damaged_foreign_or_missing_checkpoints_get_clear_errors(synthetic, tmp_path):
