@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     runs = {name: Path(folder) for name, _, folder in (item.partition("=") for item in args.run)}
+    for name, folder in runs.items():
+        if not name or not (folder / "train_log.csv").is_file() or not (folder / "checkpoints" / "last.pt").is_file():
+            parser.error(f"--run {name}={folder}: expected NAME=RUN_DIR, a folder written by n2g-ct train")
     start, _, stop = args.slices.partition(":")
     chosen = slice(int(start) if start else None, int(stop) if stop else None)
     width_hu, crop = _window_width_hu(next(iter(runs.values())))
