@@ -263,12 +263,21 @@ def _add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_cmd_simulate)
 
 
+def _budget(text: str):
+    from n2g_ct.train_config import Budget
+
+    try:
+        return Budget.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from n2g_ct.pipeline import load_recipe, run_pipeline
 
     out = args.out or Path("runs") / args.recipe.stem
     recipe = load_recipe(args.recipe, data_root=args.data_root, out=out, overrides=tuple(args.overrides))
-    result = run_pipeline(recipe, out, budget_minutes=args.budget, device=args.device,
+    result = run_pipeline(recipe, out, budget=args.budget, device=args.device,
                           progress=not args.no_progress, overwrite=args.overwrite)
     print(result.render())
     return 0
@@ -285,7 +294,9 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     parser.add_argument("--data-root", type=Path, help="folder that {data_root} in the recipe stands for")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/RECIPE-NAME)")
-    parser.add_argument("--budget", type=float, metavar="MINUTES", help="training time per model, minutes")
+    parser.add_argument("--budget", type=_budget, metavar="BUDGET",
+                        help="training per model: minutes (20, 20min) or optimiser steps (3000steps); the "
+                        "learning-rate schedule and a relative update-delay period scale with it")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--overwrite", action="store_true", help="redo the evaluation if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -181,31 +181,51 @@ def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int,
     return rank, world_size
 
 
-class _CropStream(IterableDataset):
-    """Endless batches of crops: per sample, one row from each table through its own crop chain.
+class SeededBatchStream(IterableDataset):
+    """Endless batches where batch ``j`` (counted from 0 over the whole run) depends only on ``(seed, rank, j)``.
 
-    Batch ``j`` (counted from 0 over the whole run) depends only on ``(seed, rank, j)``: a stream
-    started at ``start=j`` continues a run exactly where it stopped (resume), and DataLoader
+    A stream started at ``start=j`` continues a run exactly where it stopped (resume), and DataLoader
     workers split the batch indices round-robin (worker ``w`` of ``W`` makes ``j = start + w,
     start + w + W, ...``), which ``DataLoader(stream, batch_size=None)`` returns in order. So the
-    batches are the same for any ``num_workers``.
+    batches are the same for any ``num_workers``. Subclasses implement :meth:`batch`.
     """
+
+    def __init__(self, *, batch_size: int = 1, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, start: int = 0) -> None:
+        if seed < 0 or start < 0 or batch_size < 1:
+            raise ValueError(f"need seed ≥ 0, start ≥ 0 and batch_size ≥ 1, got {seed}, {start}, {batch_size}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
+        self.start = start
+
+    def batch_seeds(self, index: int, count: int) -> np.ndarray:
+        """``count`` independent uint32 seeds of batch ``index`` on this rank."""
+        return np.random.SeedSequence([self.seed, self.rank, index]).generate_state(count)
+
+    def batch(self, index: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index in itertools.count(self.start + worker_id, workers):
+            yield self.batch(index)
+
+
+class _CropStream(SeededBatchStream):
+    """Batches of CT crops: per sample, one row from each table through its own crop chain."""
 
     def __init__(
         self,
         draws: Sequence[tuple[SliceTable, tuple[str, ...]]],
         *,
-        batch_size: int = 1,
         crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
         flip_prob: float = 0.5,
         window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        start: int = 0,
+        **seeding: Any,
     ) -> None:
-        if seed < 0 or start < 0 or batch_size < 1:
-            raise ValueError(f"need seed ≥ 0, start ≥ 0 and batch_size ≥ 1, got {seed}, {start}, {batch_size}")
+        super().__init__(**seeding)
         self.draws = tuple(
             (table, keys, crop_transforms(keys, crop_size=crop_size, flip_prob=flip_prob, window_hu=window_hu))
             for table, keys in draws
@@ -214,14 +234,10 @@ class _CropStream(IterableDataset):
             for volume in (v for volumes in table.volumes for v in volumes):
                 if any(c > s for c, s in zip(crop_size, volume.shape[1:])):
                     raise InputError(f"{volume.source}: slices {volume.shape[1:]} are smaller than the crop {tuple(crop_size)}")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank, self.world_size = _rank_and_world_size(rank, world_size)
-        self.start = start
 
     def batch(self, index: int) -> tuple[torch.Tensor, ...]:
         """Batch ``index``: one (B, 1, h, w) float32 tensor in [0, 1] per key."""
-        seeds = np.random.SeedSequence([self.seed, self.rank, index]).generate_state(1 + len(self.draws))
+        seeds = self.batch_seeds(index, 1 + len(self.draws))
         pick = np.random.RandomState(seeds[0])
         for (_, _, chain), chain_seed in zip(self.draws, seeds[1:]):
             state = np.random.RandomState(chain_seed)  # one per chain: cheaper than one per transform
@@ -237,12 +253,6 @@ class _CropStream(IterableDataset):
                 sample.extend(out[key] for key in keys)
             crops.append(sample)
         return tuple(torch.stack(column) for column in zip(*crops))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        for index in itertools.count(self.start + worker_id, workers):
-            yield self.batch(index)
 
 
 class UnpairedCropStream(_CropStream):

@@ -43,6 +43,7 @@ def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, prog
     """Run the demo into ``out`` (see the module docstring); ``minutes`` of Noise2Grad training."""
     from n2g_ct.denoise import denoise_inputs
     from n2g_ct.phantom import chest_phantom, write_phantom_series
+    from n2g_ct.train_config import Budget
 
     phantom = out / "phantom"
     if not phantom.exists():
@@ -52,7 +53,7 @@ def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, prog
         with staged_output(phantom) as staging:
             write_phantom_series(staging, chest_phantom(PHANTOM_SLICES, PHANTOM_SIZE, seed=0), spacing_xyz=(1.0, 1.0, 2.0))
     recipe = load_recipe(RECIPE, data_root=out, out=out)
-    result = run_pipeline(recipe, out, budget_minutes=minutes, device=device, progress=progress)
+    result = run_pipeline(recipe, out, budget=Budget(minutes=minutes), device=device, progress=progress)
     denoised = out / "denoised"
     summary = denoise_inputs([out / "simulated" / "quarter_dose"], denoised, result.checkpoints["noise2grad"],
                              device=device or "auto", progress=progress)

@@ -33,6 +33,8 @@ class Window:
 DISPLAY_WINDOW = Window("display", -160.0, 240.0)
 FULL_WINDOW = Window("full", -1024.0, 3072.0)
 WINDOWS = (DISPLAY_WINDOW, FULL_WINDOW)
+IMAGE_RANGE = Window("image", 0.0, 1.0)
+"""Natural images in [0, 1] (the paper's experiments): clipped to [0, 1], data range 1."""
 SSIM_WINDOW_SIZE = 11
 SSIM_SIGMA = 1.5
 

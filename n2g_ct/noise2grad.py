@@ -55,7 +55,9 @@ class Noise2GradOptions:
     Attributes:
         variant: ``default`` or ``faithful``.
         period: update-delay period, in optimiser steps (paper: 500); ``τ = ⌊t/period⌋ + 1``.
-            Scale it with the run length for short runs.
+        period_fraction: instead of ``period``: the period as a fraction of the run's total steps,
+            so that the delay schedule scales with the budget as the learning-rate schedule does
+            (0.1: τ grows from 1 to 11 over any run length). See :meth:`period_for`.
         detail_destruction: scramble the extracted noise before adding it to the clean image;
             ``False`` is the N2G_D ablation (``m ≡ 1``).
         update_delay: apply the gradient loss only on steps with ``t mod τ == 0``; ``False`` is the
@@ -78,6 +80,7 @@ class Noise2GradOptions:
 
     variant: str = "default"
     period: int = 500
+    period_fraction: float | None = None
     detail_destruction: bool = True
     update_delay: bool = True
     destruction: str | None = None
@@ -101,10 +104,23 @@ class Noise2GradOptions:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Noise2GradOptions.{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        if self.period_fraction is not None and not 0.0 < self.period_fraction <= 1.0:
+            raise ValueError(f"Noise2GradOptions.period_fraction must be in (0, 1], got {self.period_fraction!r}")
         if not 0.0 < self.scale_momentum <= 1.0:
             raise ValueError(f"Noise2GradOptions.scale_momentum must be in (0, 1], got {self.scale_momentum!r}")
         if not self.noise_gain >= 1.0:
             raise ValueError(f"Noise2GradOptions.noise_gain must be >= 1, got {self.noise_gain!r}")
+
+
+    def period_for(self, total_steps: int) -> int:
+        """The update-delay period of a run of ``total_steps`` steps (``period`` unless ``period_fraction``).
+
+        >>> Noise2GradOptions(period_fraction=0.1).period_for(2000), Noise2GradOptions().period_for(2000)
+        (200, 500)
+        """
+        if self.period_fraction is None:
+            return self.period
+        return max(1, round(self.period_fraction * total_steps))
 
 
 @dataclass(frozen=True)
@@ -253,6 +269,7 @@ def noise2grad_step(
     step: int,
     options: Noise2GradOptions,
     generator: torch.Generator,
+    total_steps: int | None = None,
 ) -> StepResult:
     """Noise2Grad losses for one batch (see the module docstring); does not step any optimiser.
 
@@ -264,6 +281,7 @@ def noise2grad_step(
         step: global optimiser step, from 1 (drives the update delay).
         options: ablation switches and the update-delay period.
         generator: source of the detail-destruction masks (unused when detail destruction is off).
+        total_steps: the run's length, for ``options.period_fraction`` (ignored without it).
 
     Returns:
         `StepResult`; ``grad_loss`` is ``None`` on steps without the gradient loss. G receives a
@@ -274,7 +292,10 @@ def noise2grad_step(
             "x (noisy) and y (clean) must both be (B, C, H, W) of one shape, "
             f"got {tuple(x.shape)} and {tuple(y.shape)}"
         )
-    apply_gradient_loss = uses_gradient_loss(step, options.period, options.update_delay)
+    if options.period_fraction is not None and total_steps is None:
+        raise ValueError("options.period_fraction needs the run's total_steps")
+    period = options.period if total_steps is None else options.period_for(total_steps)
+    apply_gradient_loss = uses_gradient_loss(step, period, options.update_delay)
 
     # The graph through F is needed only where the gradient loss trains F; through G, only where
     # the optimiser learns G. Otherwise the branch feeds the detached synthetic noise alone.

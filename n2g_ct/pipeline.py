@@ -7,13 +7,15 @@ A recipe is YAML with these sections (schema: ``pipelines/README.md``):
   written to ``OUT/simulated/NAME``.
 - ``train``: named training runs, each a ``n2g-ct train`` configuration (``data``, ``model``,
   ``method``, ``optim``, ``run``); written to ``OUT/train/NAME``.
+- ``paper``: instead of the CT sections, one of the Noise2Grad paper's natural-image experiments
+  (:mod:`n2g_ct.paper_experiments`): noise settings × methods, trained and evaluated on image folders.
 - ``evaluate``: paired evaluation of the noisy input, the trained models (by run name, last
   checkpoint) and optional BM3D, on given pairs or a manifest split's test pairs; written to
   ``OUT/evaluation``.
 
 Strings may use ``{data_root}``, ``{out}``, ``{simulated}`` (= ``OUT/simulated``) and ``{manifest}``
 (= ``OUT/manifest.yaml``). A budget
-(``--budget`` minutes) sets every training run's ``optim.minutes``. Finished steps are skipped on a
+(``--budget``: minutes, or ``3000steps``) sets every training run's ``optim``. Finished steps are skipped on a
 re-run; an interrupted training run resumes from its last checkpoint.
 """
 
@@ -30,6 +32,8 @@ from typing import Any, Literal
 from n2g_ct.config import apply_overrides, from_dict, load_yaml
 from n2g_ct.errors import ConfigError
 from n2g_ct.manifest import PairSelection
+from n2g_ct.paper_experiments import PaperExperiment
+from n2g_ct.train_config import Budget
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +126,13 @@ class Recipe:
     simulate: tuple[SimulateStep, ...] = ()
     train: tuple[TrainStep, ...] = ()
     evaluate: EvaluateStep | None = None
+    paper: PaperExperiment | None = None
 
     def __post_init__(self) -> None:
         if self.n2g_ct_pipeline != RECIPE_VERSION:
             raise ValueError(f"n2g_ct_pipeline must be {RECIPE_VERSION}, got {self.n2g_ct_pipeline}")
+        if self.paper is not None and (self.manifest or self.simulate or self.train or self.evaluate):
+            raise ValueError("a paper section stands alone: drop manifest, simulate, train and evaluate")
         names = [s.name for s in self.train]
         if len(set(names)) != len(names):
             raise ValueError(f"training run names must be unique, got {names}")
@@ -185,15 +192,15 @@ class PipelineResult:
 LEARNING_CURVES = "learning_curves.png"
 
 
-def _train_configs(recipe: Recipe, out: Path, budget_minutes: float | None, device: str | None) -> dict:
+def _train_configs(recipe: Recipe, out: Path, budget: Budget | None, device: str | None) -> dict:
     """A validated TrainConfig per run (all checked before anything runs)."""
     from n2g_ct.train_config import TrainConfig
 
     configs = {}
     for step in recipe.train:
         data = apply_overrides(step.config, [f"run.out_dir={out / 'train' / step.name}"])
-        if budget_minutes is not None:
-            data = apply_overrides(data, [f"optim.minutes={budget_minutes}"])
+        if budget is not None:
+            data = apply_overrides(data, budget.overrides())
         if device is not None:
             data = apply_overrides(data, [f"run.device={device}"])
         configs[step.name] = from_dict(TrainConfig, data, source=f"train run {step.name!r}")
@@ -222,78 +229,37 @@ def _simulate(step: SimulateStep, out: Path, device: str | None) -> None:
     log.info("simulated %s: %s", target, result.describe())
 
 
-def _train(name: str, config: Any, progress: bool) -> Path:
-    from n2g_ct.checkpoint import load_checkpoint
-    from n2g_ct.train import LAST_CHECKPOINT, train
-
-    checkpoint = config.run.out_dir / "checkpoints" / LAST_CHECKPOINT
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        if state["total_steps"] is not None and state["step"] >= state["total_steps"]:
-            log.info("training run %s is complete (%d steps); skipping", name, state["step"])
-            return checkpoint
-        log.info("training run %s: resuming at step %d", name, state["step"])
-    else:
-        log.info("training run %s", name)
-    return train(config, resume=checkpoint.exists(), progress=progress)
-
-
-def learning_curves_png(runs: dict[str, Path]) -> bytes | None:
-    """Validation PSNR (display window) against training minutes and steps, one line per run."""
-    import csv
-
-    from n2g_ct.reports import figure, png
-
-    curves = {}
-    for name, run_dir in runs.items():
-        log_path = run_dir / "validation.csv"
-        train_log = run_dir / "train_log.csv"
-        if not log_path.exists() or not train_log.exists():
-            continue
-        with open(train_log, newline="") as f:
-            minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in csv.DictReader(f)}
-        with open(log_path, newline="") as f:
-            rows = [(int(r["step"]), float(r["psnr_display"])) for r in csv.DictReader(f)]
-        curves[name] = [(step, minutes.get(step), value) for step, value in rows]
-    if not curves:
-        return None
-    fig = figure(11, 4)
-    by_minutes, by_steps = fig.subplots(1, 2)
-    for name, points in curves.items():
-        by_steps.plot([p[0] for p in points], [p[2] for p in points], marker=".", label=name)
-        timed = [p for p in points if p[1] is not None]
-        by_minutes.plot([p[1] for p in timed], [p[2] for p in timed], marker=".", label=name)
-    for axis, label in ((by_minutes, "training time (min)"), (by_steps, "optimiser steps")):
-        axis.set_xlabel(label)
-        axis.set_ylabel("validation PSNR (dB), window [-160, 240] HU")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    return png(fig)
-
-
-def run_pipeline(recipe: Recipe, out: Path, *, budget_minutes: float | None = None, device: str | None = None,
+def run_pipeline(recipe: Recipe, out: Path, *, budget: Budget | None = None, device: str | None = None,
                  progress: bool = True, overwrite: bool = False) -> PipelineResult:
     """Run every step of ``recipe`` into ``out``; finished steps are skipped, training resumes.
 
     Args:
         recipe: from :func:`load_recipe`.
         out: output folder.
-        budget_minutes: training time per run (sets ``optim.minutes`` of every run).
+        budget: training minutes or steps of every run (overrides the recipe's ``optim``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for every step.
         progress: progress bars.
         overwrite: redo the evaluation even when its output exists.
     """
     from n2g_ct.atomic import atomic_file
     from n2g_ct.cache import VolumeCache
+    from n2g_ct.reports import learning_curves_png
+    from n2g_ct.train import train_to_completion
     from n2g_ct.evaluate import EvaluationResult, ModelSpec, evaluate, evaluate_split
 
-    configs = _train_configs(recipe, out, budget_minutes, device)
+    if recipe.paper is not None:
+        from n2g_ct.paper_experiments import run_paper_experiment
+
+        result = run_paper_experiment(recipe.paper, out, budget=budget, device=device, progress=progress,
+                                      overwrite=overwrite)
+        return PipelineResult(out, result.checkpoints, result)
+    configs = _train_configs(recipe, out, budget, device)
     out.mkdir(parents=True, exist_ok=True)
     if recipe.manifest is not None:
         _scan(recipe.manifest, out)
     for step in recipe.simulate:
         _simulate(step, out, device)
-    checkpoints = {name: _train(name, config, progress) for name, config in configs.items()}
+    checkpoints = {name: train_to_completion(config, name, progress) for name, config in configs.items()}
     curves = learning_curves_png({name: config.run.out_dir for name, config in configs.items()})
     if curves is not None:
         with atomic_file(out / LEARNING_CURVES) as tmp:

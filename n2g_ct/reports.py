@@ -276,44 +276,77 @@ def _figure_list(summary: Mapping[str, Any], examples: Sequence[ExampleSlice]) -
     return figures
 
 
-def render_markdown(summary: Mapping[str, Any], figures: Sequence[tuple[str, str]]) -> str:
-    """The Markdown report; ``figures`` are (file name in ``figures/``, caption)."""
-    header, rows = summary_table(summary)
-    lines = ["# n2g-ct evaluation report", "", f"n2g-ct {summary['n2g_ct_version']}, {summary['created_utc']}.", "",
-             "## Results (mean ± std over slices)", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-             *("| " + " | ".join(r) + " |" for r in rows), "", "## Methods", "",
-             *(f"- {line}" for line in _method_lines(summary)), "", "## Protocol", "",
-             *(f"- {line}" for line in _protocol_lines(summary)), "", "## Figures", ""]
+@dataclass(frozen=True)
+class Section:
+    """One titled section of a report: a table (``header`` + ``rows``) and/or bullet ``lines``."""
+
+    title: str
+    header: Sequence[str] = ()
+    rows: Sequence[Sequence[str]] = ()
+    lines: Sequence[str] = ()
+
+
+def markdown_document(title: str, intro: str, sections: Sequence[Section], figures: Sequence[tuple[str, str]]) -> str:
+    """A Markdown report; ``figures`` are (file name in ``figures/``, caption), linked at the end."""
+    lines = [f"# {title}", "", intro, ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        if section.header:
+            lines += ["| " + " | ".join(section.header) + " |", "|" + "|".join("---" for _ in section.header) + "|",
+                      *("| " + " | ".join(r) + " |" for r in section.rows), ""]
+        if section.lines:
+            lines += [*(f"- {line}" for line in section.lines), ""]
+    lines += ["## Figures", ""]
     for name, caption in figures:
         lines.extend([f"![{caption}]({FIGURES_DIR}/{name})", ""])
     return "\n".join(lines)
 
 
-def _html_list(lines: Sequence[str]) -> str:
-    return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
-
-
-def render_html(summary: Mapping[str, Any], figures: Sequence[tuple[str, str, bytes]]) -> str:
-    """The HTML report, one file: ``figures`` are (file name, caption, PNG bytes), embedded as base64."""
-    header, rows = summary_table(summary)
+def html_document(title: str, intro: str, sections: Sequence[Section], figures: Sequence[tuple[str, str, bytes]]) -> str:
+    """The same report as one HTML file: ``figures`` are (file name, caption, PNG bytes), embedded as base64."""
     e = html.escape
-    table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    body = []
+    for section in sections:
+        body.append(f"<h2>{e(section.title)}</h2>")
+        if section.header:
+            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in section.header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in section.rows)
+                        + "</table>")
+        if section.lines:
+            body.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in section.lines) + "</ul>")
     images = "".join(
         f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{e(caption)}</figcaption></figure>"
         for _, caption, png in figures
     )
     return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>n2g-ct evaluation report</title>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
         "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>"
-        f"<h1>n2g-ct evaluation report</h1><p>n2g-ct {e(summary['n2g_ct_version'])}, {e(summary['created_utc'])}.</p>"
-        f"<h2>Results (mean ± std over slices)</h2>{table}<h2>Methods</h2>{_html_list(_method_lines(summary))}"
-        f"<h2>Protocol</h2>{_html_list(_protocol_lines(summary))}<h2>Figures</h2>{images}</body></html>\n"
+        f"<h1>{e(title)}</h1><p>{e(intro)}</p>{''.join(body)}<h2>Figures</h2>{images}</body></html>\n"
     )
+
+
+def _evaluation_sections(summary: Mapping[str, Any]) -> tuple[str, list[Section]]:
+    header, rows = summary_table(summary)
+    return (f"n2g-ct {summary['n2g_ct_version']}, {summary['created_utc']}.",
+            [Section("Results (mean ± std over slices)", header, rows),
+             Section("Methods", lines=_method_lines(summary)),
+             Section("Protocol", lines=_protocol_lines(summary))])
+
+
+def render_markdown(summary: Mapping[str, Any], figures: Sequence[tuple[str, str]]) -> str:
+    """The evaluation's Markdown report; ``figures`` are (file name in ``figures/``, caption)."""
+    return markdown_document(EVALUATION_TITLE, *_evaluation_sections(summary), figures)
+
+
+def render_html(summary: Mapping[str, Any], figures: Sequence[tuple[str, str, bytes]]) -> str:
+    """The evaluation's HTML report, one file: ``figures`` are (file name, caption, PNG bytes)."""
+    return html_document(EVALUATION_TITLE, *_evaluation_sections(summary), figures)
+
+
+EVALUATION_TITLE = "n2g-ct evaluation report"
 
 
 def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
@@ -330,3 +363,41 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mappi
         (out_dir / FIGURES_DIR / name).write_bytes(png)
     write_text_atomic(out_dir / "report.md", render_markdown(summary, figures))
     write_text_atomic(out_dir / "report.html", render_html(summary, [(n, c, p) for (n, c), p in zip(figures, pngs)]))
+
+
+def learning_curves_png(runs: Mapping[str, Path], score: str = "psnr_display",
+                        label: str = "validation PSNR (dB), window [-160, 240] HU") -> bytes | None:
+    """Validation ``score`` (a column of ``validation.csv``) against training minutes and steps, a line per run.
+
+    Args:
+        runs: run name → training run folder (``train_log.csv``, ``validation.csv``).
+        score: the column to plot; ``label``: its axis label.
+
+    Returns:
+        PNG bytes, or None when no run has validation rows yet.
+    """
+    curves = {}
+    for name, run_dir in runs.items():
+        log_path = run_dir / "validation.csv"
+        train_log = run_dir / "train_log.csv"
+        if not log_path.exists() or not train_log.exists():
+            continue
+        with open(train_log, newline="") as f:
+            minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in csv.DictReader(f)}
+        with open(log_path, newline="") as f:
+            rows = [(int(r["step"]), float(r[score])) for r in csv.DictReader(f)]
+        curves[name] = [(step, minutes.get(step), value) for step, value in rows]
+    if not curves:
+        return None
+    fig = figure(11, 4)
+    by_minutes, by_steps = fig.subplots(1, 2)
+    for name, points in curves.items():
+        by_steps.plot([p[0] for p in points], [p[2] for p in points], marker=".", label=name)
+        timed = [p for p in points if p[1] is not None]
+        by_minutes.plot([p[1] for p in timed], [p[2] for p in timed], marker=".", label=name)
+    for axis, x_label in ((by_minutes, "training time (min)"), (by_steps, "optimiser steps")):
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return png(fig)

@@ -62,7 +62,10 @@ class TrainingObjective(nn.Module):
 
     ``forward(batch, step, generator)`` returns ``(loss, StepResult)``; batch keys: ``noisy`` and
     ``clean`` (Noise2Grad) or ``input`` and ``target`` (supervised, Noise2Noise), (B, C, H, W) in [0, 1].
+    ``total_steps`` (the run's budget, set by the trainer) scales a budget-relative update delay.
     """
+
+    total_steps: int | None = None
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
@@ -81,7 +84,7 @@ class TrainingObjective(nn.Module):
         if name == "noise2grad":
             result = noise2grad_step(
                 self.denoiser, self.noise_approximator, batch["noisy"], batch["clean"], step,
-                self.method.noise2grad, generator,
+                self.method.noise2grad, generator, self.total_steps,
             )
         elif name == "supervised":
             result = supervised_step(self.denoiser, batch["input"], batch["target"])
@@ -328,6 +331,7 @@ def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: V
     while trainer.step < budget.total:
         trainer.step += 1
         batch = {k: v.to(trainer.device, non_blocking=True) for k, v in next(batches).items()}
+        trainer.objective.total_steps = budget.total  # provisional until a time budget is calibrated
         result = _train_step(trainer, batch)
         if not budget.fixed:
             budget.calibrate(trainer.step, _all_ranks_max(trainer.elapsed_s(), trainer.device, trainer.processes))
@@ -339,11 +343,11 @@ def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: V
             run_log.train_row(row)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         if validation is not None and _due(trainer.step, run.validate_every, last):
-            scores = validation(trainer.objective.denoiser)
+            scores = validation.score(trainer.objective.denoiser)
             trainer.objective.train()
             run_log.validation_row({"step": trainer.step, **scores})
-            if scores["psnr_display"] > trainer.best_psnr:
-                trainer.best_psnr = scores["psnr_display"]
+            if scores[validation.primary] > trainer.best_psnr:
+                trainer.best_psnr = scores[validation.primary]
                 trainer.save(BEST_CHECKPOINT)
         if _due(trainer.step, run.checkpoint_every, last):
             trainer.save()
@@ -392,6 +396,24 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                        unit="step", dynamic_ncols=True))
         _loop(trainer, batches, validation, run_log, bar, stop)
     return checkpoint
+
+
+def train_to_completion(config: TrainConfig, name: str, progress: bool = True) -> Path:
+    """Train ``config`` to the end of its budget: start, resume from ``last.pt``, or skip a finished run.
+
+    Returns:
+        the last checkpoint.
+    """
+    checkpoint = config.run.out_dir / "checkpoints" / LAST_CHECKPOINT
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state["total_steps"] is not None and state["step"] >= state["total_steps"]:
+            log.info("training run %s is complete (%d steps); skipping", name, state["step"])
+            return checkpoint
+        log.info("training run %s: resuming at step %d", name, state["step"])
+    else:
+        log.info("training run %s", name)
+    return train(config, resume=checkpoint.exists(), progress=progress)
 
 
 def _all_ranks_max(value: float, device: torch.device, processes: Processes) -> float:

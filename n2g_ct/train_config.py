@@ -8,6 +8,7 @@ from typing import Literal
 
 from n2g_ct.manifest import PairSelection, SliceSelection
 from n2g_ct.noise2grad import Noise2GradOptions
+from n2g_ct.noise_models import NoiseModel
 
 METHODS = ("noise2grad", "supervised", "noise2noise")
 
@@ -15,6 +16,37 @@ METHODS = ("noise2grad", "supervised", "noise2noise")
 def _positive(value: float, what: str) -> None:
     if value <= 0:
         raise ValueError(f"{what} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ImageDataConfig:
+    """Natural images with a synthetic noise model, instead of CT series (the paper's experiments).
+
+    The folder's images, sorted by name, make the pools of :mod:`n2g_ct.image_data`: the last
+    ``validation_images`` for validation, then the first half of the rest as the noisy pool (one
+    fixed noise realisation per image), the second half as the clean pool.
+
+    Attributes:
+        folder: clean images (PNG, JPEG, ...), e.g. BSD300 ``train200/``.
+        noise: the noise model (`n2g_ct.noise_models.NoiseModel`).
+        color: RGB (``model.channels: 3``) or grey luma (``model.channels: 1``).
+        pairs: the supervised method's pairs: ``original`` (noisy-pool images and their clean
+            originals) or ``superposed`` (the noisy pool's true noise added onto clean-pool images,
+            the paper's Table 1 "fake" pairs).
+        validation_images: images held out for validation.
+        noise_seed: seed of the noise realisations.
+    """
+
+    folder: Path
+    noise: NoiseModel
+    color: bool = True
+    pairs: Literal["original", "superposed"] = "original"
+    validation_images: int = 8
+    noise_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.validation_images < 1:
+            raise ValueError(f"validation_images must be ≥ 1, got {self.validation_images}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +67,8 @@ class DataConfig:
         crop_size: side of the square training crops, pixels.
         num_workers: DataLoader worker processes (0 = in the training process).
         cache_dir: HU-array cache folder (default: ``$N2G_CT_CACHE`` or ``~/.cache/n2g-ct``).
+        images: natural images with synthetic noise instead of the CT pools above (the HU window
+            does not apply: images are already in [0, 1]).
     """
 
     manifest: Path | None = None
@@ -49,6 +83,7 @@ class DataConfig:
     crop_size: int = 128
     num_workers: int = 0
     cache_dir: Path | None = None
+    images: ImageDataConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.manifest is None) != (self.split is None):
@@ -177,7 +212,53 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         data, name = self.data, self.method.name
+        if data.images is not None:
+            channels = 3 if data.images.color else 1
+            if self.model.channels != channels:
+                raise ValueError(f"data.images.color is {data.images.color}: model.channels must be {channels}")
+            if data.noisy or data.clean or data.paired or data.validation or data.manifest is not None:
+                raise ValueError("data.images replaces the CT pools: drop data.noisy/clean/paired/validation/manifest")
+            return
         if name == "noise2grad" and data.manifest is None and not (data.noisy and data.clean):
             raise ValueError("noise2grad needs data.noisy and data.clean pools (or data.manifest + data.split)")
         if name in ("supervised", "noise2noise") and not data.paired:
             raise ValueError(f"{name} needs data.paired training pairs")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One training budget for every run of a recipe (``n2g-ct run --budget``): minutes or steps.
+
+    The learning-rate schedule is relative to the run's total steps, and so is a Noise2Grad update
+    delay given as ``method.noise2grad.period_fraction``: both scale with the budget.
+    """
+
+    minutes: float | None = None
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.minutes is None) == (self.steps is None):
+            raise ValueError("a budget is minutes or steps")
+        if (self.minutes is not None and self.minutes <= 0) or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"a budget must be positive, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``20`` or ``20min`` (minutes of training per model), or ``3000steps``.
+
+        >>> Budget.parse("2.5min"), Budget.parse("3000steps")
+        (Budget(minutes=2.5, steps=None), Budget(minutes=None, steps=3000))
+        """
+        value = text.strip().lower()
+        try:
+            if value.endswith("steps"):
+                return cls(steps=int(value[: -len("steps")]))
+            return cls(minutes=float(value.removesuffix("min")))
+        except ValueError:
+            raise ValueError(f"budget must be minutes (20, 20min) or steps (3000steps), got {text!r}") from None
+
+    def overrides(self) -> list[str]:
+        """The ``optim`` overrides that set this budget on a training configuration."""
+        if self.steps is not None:
+            return [f"optim.steps={self.steps}", "optim.minutes=null"]
+        return [f"optim.minutes={self.minutes}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,11 +15,24 @@ from n2g_ct.cache import VolumeCache
 from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream
 from n2g_ct.inference import Denoiser
 from n2g_ct.manifest import SliceSelection, load_split
-from n2g_ct.metrics import WINDOWS, psnr, ssim
-from n2g_ct.train_config import DataConfig, TrainConfig
+from n2g_ct.metrics import IMAGE_RANGE, WINDOWS, psnr, ssim
+from n2g_ct.train_config import DataConfig, ImageDataConfig, TrainConfig
 from n2g_ct.transforms import Keys
 
-Validation = Callable[[nn.Module], dict[str, float]]
+
+@dataclass(frozen=True)
+class Validation:
+    """Periodic validation of a run.
+
+    Attributes:
+        score: F → mean scores over the validation images by name (e.g. ``psnr_display``).
+        primary: the score that picks ``best.pt`` (higher is better), and the learning curves'.
+        label: what ``primary`` measures, for plot axes.
+    """
+
+    score: Callable[[nn.Module], dict[str, float]]
+    primary: str
+    label: str
 
 
 def _pools(data: DataConfig) -> tuple[tuple[SliceSelection, ...], tuple[SliceSelection, ...]]:
@@ -48,6 +62,13 @@ def build_training_batches(
     (B, C, h, w) float32 in [0, 1]. The batch of step ``t`` depends only on (seed, rank, t).
     """
     data = config.data
+    if data.images is not None:
+        stream = _rank0_first(rank, world_size, lambda: _image_stream(config, rank, world_size, first_step))
+        keys = ("noisy", "clean") if config.method.name == "noise2grad" else ("input", "target")
+        yield from (dict(zip(keys, batch)) for batch in DataLoader(stream, batch_size=None,
+                                                                    num_workers=data.num_workers,
+                                                                    persistent_workers=data.num_workers > 0))
+        return
     options = dict(
         batch_size=config.optim.batch_size,
         crop_size=(data.crop_size, data.crop_size),
@@ -71,20 +92,64 @@ def build_training_batches(
         yield dict(zip(keys, batch))
 
 
-def build_validation(data: DataConfig, device: torch.device) -> Validation | None:
-    """A function scoring the denoiser on the validation slices, or None when none are configured.
+def _image_pools(images: ImageDataConfig, noise2noise: bool = False):
+    from n2g_ct.image_data import ImagePools
 
-    It runs F as inference does (:class:`n2g_ct.inference.Denoiser`) and returns the mean PSNR (dB)
+    return ImagePools.from_folder(images.folder, images.noise, color=images.color,
+                                  validation_images=images.validation_images, seed=images.noise_seed,
+                                  noise2noise=noise2noise)
+
+
+def _image_stream(config: TrainConfig, rank: int, world_size: int, first_step: int):
+    from n2g_ct.image_data import ImageCropStream
+
+    images = config.data.images
+    pools = _image_pools(images, noise2noise=config.method.name == "noise2noise")
+    return ImageCropStream(pools, config.method.name, pairs=images.pairs, crop_size=config.data.crop_size,
+                           batch_size=config.optim.batch_size, seed=config.run.seed, rank=rank,
+                           world_size=world_size, start=first_step - 1)
+
+
+def _image_validation(images: ImageDataConfig, device: torch.device) -> Validation:
+    pools = _image_pools(images)
+
+    @torch.no_grad()
+    def score(network: nn.Module) -> dict[str, float]:
+        network.eval()
+        psnrs, ssims = [], []
+        for noisy, clean in zip(pools.validation_noisy, pools.validation_clean):
+            output = denoise_image(network, noisy, device)
+            reference = torch.from_numpy(clean)[None]
+            psnrs.append(psnr(output, reference, IMAGE_RANGE))
+            ssims.append(ssim(output, reference, IMAGE_RANGE))
+        return {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean())}
+
+    return Validation(score, "psnr", "validation PSNR (dB), images in [0, 1]")
+
+
+def denoise_image(network: nn.Module, image: np.ndarray, device: torch.device) -> Tensor:
+    """F applied to one (C, H, W) image in [0, 1]: (1, C, H, W) float32 on the CPU, clipped to [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
+    return network(x).float().clamp(0.0, 1.0).cpu()
+
+
+def build_validation(data: DataConfig, device: torch.device) -> Validation | None:
+    """Scoring of the denoiser on the validation images, or None when none are configured.
+
+    Natural images (``data.images``): mean PSNR and SSIM (``psnr``, ``ssim``; data range 1) on
+    the held-out images. CT: it runs F as inference does (:class:`n2g_ct.inference.Denoiser`) and returns the mean PSNR (dB)
     and SSIM over the slices in both windows of :mod:`n2g_ct.metrics` (keys ``psnr_display``,
     ``ssim_display``, ``psnr_full``, ``ssim_full``), padding excluded.
     """
+    if data.images is not None:
+        return _image_validation(data.images, device)
     if not data.validation:
         return None
     dataset = PairedSliceDataset(data.validation, window_hu=data.window_hu, cache=VolumeCache(data.cache_dir))
     count = len(dataset) if data.validation_slices == 0 else min(data.validation_slices, len(dataset))
     subset = Subset(dataset, np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist())
 
-    def validate(network: nn.Module) -> dict[str, float]:
+    def score(network: nn.Module) -> dict[str, float]:
         network.eval()
         denoise = Denoiser(network, data.window_hu, "validation", device)
         scores: dict[str, list[Tensor]] = {}
@@ -96,4 +161,4 @@ def build_validation(data: DataConfig, device: torch.device) -> Validation | Non
                 scores.setdefault(f"ssim_{window.name}", []).append(ssim(output, reference, window, valid))
         return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
 
-    return validate
+    return Validation(score, "psnr_display", "validation PSNR (dB), window [-160, 240] HU")

@@ -136,9 +136,16 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 @pytest.mark.parametrize("recipe_path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_and_its_training_runs_validate(recipe_path, tmp_path):
     from n2g_ct.config import from_dict
-    from n2g_ct.train_config import TrainConfig
+    from n2g_ct.train_config import Budget, TrainConfig
 
     recipe = load_recipe(recipe_path, data_root=tmp_path / "data", out=tmp_path / "out")
+    if recipe.paper is not None:
+        from n2g_ct.paper_experiments import train_configs
+
+        configs = train_configs(recipe.paper, tmp_path / "out", Budget.parse("50steps"))
+        assert len(configs) == len(recipe.paper.settings) * len(recipe.paper.methods)
+        assert all(c.optim.steps == 50 and c.optim.minutes is None for c in configs.values())
+        return
     assert recipe.train
     for step in recipe.train:
         from_dict(TrainConfig, step.config, source=f"{recipe_path.name}: {step.name}")
