@@ -222,11 +222,15 @@ def _summary(experiment: PaperExperiment, results: Mapping[str, _SettingResult],
             scores = by_method.setdefault(row["method"], {"psnr": [], "ssim": []})
             scores["psnr"].append(row["psnr"])
             scores["ssim"].append(row["ssim"])
+        methods = {name: {"psnr": float(np.mean(s["psnr"])), "ssim": float(np.mean(s["ssim"])),
+                          "images": len(s["psnr"]), "paper_psnr": setting.paper.get(name)}
+                   for name, s in by_method.items()}
+        compared = [name for name in methods if methods[name]["paper_psnr"] is not None]
         table[setting.name] = {
             "noise": setting.noise.name,
-            "methods": {name: {"psnr": float(np.mean(s["psnr"])), "ssim": float(np.mean(s["ssim"])),
-                               "images": len(s["psnr"]), "paper_psnr": setting.paper.get(name)}
-                        for name, s in by_method.items()},
+            "methods": methods,
+            "paper_order": sorted(compared, key=lambda n: -methods[n]["paper_psnr"]),
+            "run_order": sorted(compared, key=lambda n: -methods[n]["psnr"]),
         }
     return {
         "n2g_ct_version": __version__,
@@ -268,6 +272,17 @@ def summary_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         names.append(BM3D)
     rows = [[s["noise"], *(_cell(s["methods"].get(name)) for name in names)] for s in summary["settings"].values()]
     return ["noise", *names], rows
+
+
+def ordering_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Per setting: the methods the paper reports, ranked by the paper and by this run."""
+    lines = []
+    for setting in summary["settings"].values():
+        paper, run = setting["paper_order"], setting["run_order"]
+        if len(paper) > 1:
+            verdict = "holds" if paper == run else "differs"
+            lines.append(f"{setting['noise']}: paper {' > '.join(paper)}; this run {' > '.join(run)} ({verdict})")
+    return lines
 
 
 def _budget_note(configs: Mapping[tuple[str, str], Any], device: torch.device) -> str:
@@ -328,6 +343,7 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mappi
     protocol = summary["protocol"]
     sections = [
         Section("PSNR (dB): this run (the paper)", header, table_rows),
+        Section("Orderings", lines=ordering_lines(summary)),
         Section("Methods", lines=[f"{m['name']}: {m['description']}" for m in summary["methods"]]),
         Section("Protocol", lines=[f"{key}: {value}" for key, value in protocol.items()]),
     ]
@@ -363,7 +379,8 @@ class PaperResult:
     checkpoints: dict[str, Path]
 
     def render(self) -> str:
-        return f"report: {self.out_dir / 'report.html'}\n\nPSNR (dB): this run (paper)\n{render_text(self.summary)}"
+        return "\n".join([f"report: {self.out_dir / 'report.html'}", "", "PSNR (dB): this run (paper)",
+                          render_text(self.summary), "", *ordering_lines(self.summary)])
 
 
 def run_paper_experiment(experiment: PaperExperiment, out: Path, *, budget: Budget | None = None,

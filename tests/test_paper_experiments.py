@@ -23,7 +23,7 @@ paper:
   validation_images: 2
   bm3d: true
   settings:
-    - {name: gaussian_25, noise: {kind: gaussian, level: 25}, paper: {n2g: 31.71, bm3d: 30.9}}
+    - {name: gaussian_25, noise: {kind: gaussian, level: 25}, paper: {n2g: 31.71, bm3d: 30.9, noisy: 20.2}}
     - {name: speckle_01, noise: {kind: speckle, level: 0.1}}
   methods:
     - {name: n2g, description: Noise2Grad, config: {method: {name: noise2grad, noise2grad: {period_fraction: 0.5}}}}
@@ -76,6 +76,10 @@ def test_a_paper_recipe_trains_every_setting_and_method_and_reports_beside_the_p
         assert (evaluation / "figures" / figure).read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64" in (evaluation / "report.html").read_text()
     assert "(31.71)" in result.render()
+    setting = summary["settings"]["gaussian_25"]
+    assert setting["paper_order"] == ["n2g", "bm3d", "noisy"]
+    assert setting["run_order"] == sorted(setting["paper_order"], key=lambda n: -gaussian[n]["psnr"])
+    assert "paper n2g > bm3d > noisy; this run " in report
 
 
 def test_a_rerun_skips_finished_runs_and_keeps_the_evaluation(experiment):
