@@ -55,12 +55,10 @@ from n2g_ct.io.dicom_writer import Derivation, DerivedSeriesWriter
 from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
 from n2g_ct.io.volume import CTVolume
 from n2g_ct.manifest import load_manifest
+from n2g_ct.models import STARTER_MODEL
 
 log = logging.getLogger(__name__)
 
-STARTER_MODEL = Path(__file__).parent / "models" / "starter_chest_quarter_dose.pt"
-"""The default model of ``n2g-ct denoise``: Noise2Grad trained on simulated quarter-dose chest CT
-(model card: README.md, "Starter model")."""
 SUMMARY_NAME = "denoise_summary.csv"
 SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "message")
 READ_CHUNK_SLICES = 32

@@ -24,15 +24,21 @@ SOFTWARE_VERSION = f"n2g-ct {__version__}"
 AIR, LUNG, FAT, SOFT_TISSUE, BLOOD, CANCELLOUS, CORTICAL = -1000.0, -860.0, -100.0, 45.0, 180.0, 250.0, 900.0
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_px: float) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian noise blurred in-plane by a Gaussian of ``sigma_px`` pixels."""
-    white = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).reshape(-1, 1, *shape[-2:])
+def _blur(images: np.ndarray, sigma_px: float) -> np.ndarray:
+    """(..., y, x) images blurred in-plane by a Gaussian of ``sigma_px`` pixels (edges reflected)."""
+    shape = images.shape
+    flat = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).reshape(-1, 1, *shape[-2:])
     radius = max(1, int(3 * sigma_px))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
     kernel = kernel / kernel.sum()
-    blurred = F.conv2d(F.pad(white, (radius,) * 4, mode="reflect"), kernel.view(1, 1, 1, -1))
-    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1)).reshape(shape).numpy()
+    blurred = F.conv2d(F.pad(flat, (radius,) * 4, mode="reflect"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1)).reshape(shape).numpy()
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_px: float) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian noise blurred in-plane by a Gaussian of ``sigma_px`` pixels."""
+    blurred = _blur(rng.standard_normal(shape).astype(np.float32), sigma_px)
     return blurred / max(float(blurred.std()), 1e-12)
 
 
@@ -40,7 +46,8 @@ def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
-def chest_phantom(slices: int = 24, size: int = 256, *, seed: int = 0, noise_hu: float = 12.0) -> np.ndarray:
+def chest_phantom(slices: int = 24, size: int = 256, *, seed: int = 0, noise_hu: float = 12.0,
+                  resolution_px: float = 0.0) -> np.ndarray:
     """A chest-like HU volume.
 
     Args:
@@ -48,6 +55,8 @@ def chest_phantom(slices: int = 24, size: int = 256, *, seed: int = 0, noise_hu:
         size: in-plane size (pixels, square).
         seed: seed of textures, vessels and noise.
         noise_hu: std of the added correlated noise (routine-dose look), HU.
+        resolution_px: std (pixels) of a Gaussian point-spread function applied to the anatomy
+            before the noise, as a scanner's reconstruction blurs edges; 0 leaves edges one pixel sharp.
 
     Returns:
         float32 (slices, size, size), HU rounded to integers, ≥ -1024.
@@ -89,6 +98,8 @@ def chest_phantom(slices: int = 24, size: int = 256, *, seed: int = 0, noise_hu:
                 rib = _ellipse(yy, xx, cy + 0.02 * np.sin(2 * np.pi * t + angle), cx, 0.012, 0.018)
                 image[rib & body] = CORTICAL - 200
         volume[k] = image
+    if resolution_px > 0:
+        volume = _blur(volume, resolution_px)
     volume += noise_hu * noise
     return np.clip(np.round(volume), -1024, None).astype(np.float32)
 

@@ -249,9 +249,23 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _initial_weights(objective: TrainingObjective, path: Path) -> None:
+    """Load F's weights from a checkpoint or exported model (``model.init_from``)."""
+    state = load_checkpoint(path)
+    try:
+        objective.denoiser.load_state_dict(state["denoiser"])
+    except (KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: its denoiser does not fit this run's model settings (model.channels, "
+                         f"base_width, depth, residual): {str(exc).splitlines()[0]}") from None
+    log.info("F starts from the weights of %s", path)
+
+
 def _build_trainer(config: TrainConfig, processes: Processes, device: torch.device) -> _Trainer:
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-    objective = TrainingObjective(config).to(device)
+    objective = TrainingObjective(config)
+    if config.model.init_from is not None:
+        _initial_weights(objective, config.model.init_from)
+    objective = objective.to(device)
     model: nn.Module = objective
     if processes.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None

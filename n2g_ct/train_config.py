@@ -107,6 +107,8 @@ class ModelConfig:
         g_init_scale: start G at weight = scale·identity; ``None``: the paper's random init for a
             learned G, the identity for a fitted one (``method.noise2grad.noise_scale``).
         residual: F outputs ``x + U-Net(x)``, starting as the identity (not the paper's network).
+        init_from: start F from the weights of this checkpoint or exported model (e.g. the starter
+            model, to fine-tune it on one's own scanner's data); its U-Net must have these settings.
     """
 
     channels: int = 1
@@ -114,6 +116,7 @@ class ModelConfig:
     depth: int = 3
     g_init_scale: float | None = None
     residual: bool = False
+    init_from: Path | None = None
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.base_width < 1 or self.depth < 1:

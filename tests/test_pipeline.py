@@ -28,6 +28,14 @@ def test_phantom_has_ct_tissues_and_is_seeded():
     assert not np.array_equal(volume, chest_phantom(3, 64, seed=2))
 
 
+def test_phantom_resolution_blurs_edges_without_moving_ct_numbers():
+    sharp = chest_phantom(2, 96, seed=1, noise_hu=0.0)
+    blurred = chest_phantom(2, 96, seed=1, noise_hu=0.0, resolution_px=1.0)
+    step = lambda v: np.abs(np.diff(v, axis=-1)).max()  # noqa: E731 - steepest edge, HU per pixel
+    assert step(blurred) < 0.6 * step(sharp)
+    assert abs(float(blurred.mean() - sharp.mean())) < 1.0
+
+
 def test_phantom_series_reads_back_exactly(tmp_path):
     hu = chest_phantom(3, 32)
     write_phantom_series(tmp_path / "ph", hu, spacing_xyz=(0.8, 0.8, 2.5))

@@ -180,6 +180,24 @@ def test_exported_model_is_small_path_free_and_denoises_identically(synthetic, t
     assert checkpoint.read_bytes() == before
 
 
+def test_fine_tuning_starts_from_the_given_models_weights(synthetic, tmp_path):
+    from n2g_ct.checkpoint import export_model
+
+    first = train(make_config(synthetic, tmp_path / "first", optim={"steps": 3}), progress=False)
+    exported = tmp_path / "model.pt"
+    export_model(first, exported)
+    tuned = train(make_config(synthetic, tmp_path / "tuned", model={"base_width": 8, "init_from": str(exported)},
+                              optim={"steps": 1, "lr": 1e-12}), progress=False)
+    start, after = load_checkpoint(first)["denoiser"], load_checkpoint(tuned)["denoiser"]
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+    fresh = load_checkpoint(train(make_config(synthetic, tmp_path / "fresh", optim={"steps": 1, "lr": 1e-12}),
+                                  progress=False))["denoiser"]
+    assert not all(torch.allclose(start[k], fresh[k], atol=1e-6) for k in start)
+    with pytest.raises(InputError, match="model.pt: its denoiser does not fit"):
+        train(make_config(synthetic, tmp_path / "wide", model={"base_width": 16, "init_from": str(exported)}),
+              progress=False)
+
+
 def test_damaged_foreign_or_missing_checkpoints_get_clear_errors(synthetic, tmp_path):
     config = make_config(synthetic, tmp_path / "run", optim={"steps": 2})
     with pytest.raises(InputError, match="checkpoint not found"):

@@ -11,6 +11,7 @@ synthetic image).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from n2g_ct.models.unet import UNet
 
 __all__ = [
     "OFFICIAL_INIT_STD",
+    "STARTER_MODEL",
     "NoiseApproximator",
     "UNet",
     "build_denoiser",
@@ -28,6 +30,8 @@ __all__ = [
 ]
 
 OFFICIAL_INIT_STD = 0.02
+STARTER_MODEL = Path(__file__).parent / "starter_chest_quarter_dose.pt"
+"""The shipped starter model (README, "Starter model"): ``n2g-ct denoise``'s default and the demo's starting point."""
 """Standard deviation of the official N(0, std²) conv-weight initialisation."""
 
 
