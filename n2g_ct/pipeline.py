@@ -98,7 +98,8 @@ class EvaluateStep:
     Attributes:
         pairs: (low-dose, reference) series and slices to evaluate; or
         split: the test pairs of this split of the recipe's manifest.
-        models: training runs to evaluate (their last checkpoints), by name.
+        models: training runs to evaluate (their last checkpoints), by name; or ``NAME=CHECKPOINT``
+            for a model trained elsewhere (e.g. the starter model).
         bm3d: add BM3D with an estimated noise PSD (and the oracle PSD as an upper bound).
         max_slices: evaluate at most this many slices (evenly spaced); all when None.
     """
@@ -139,7 +140,7 @@ class Recipe:
         if self.evaluate is not None and self.evaluate.split is not None and self.manifest is None:
             raise ValueError("evaluate.split needs a manifest section")
         if self.evaluate is not None:
-            unknown = sorted(set(self.evaluate.models) - set(names))
+            unknown = sorted({m for m in self.evaluate.models if "=" not in m} - set(names))
             if unknown:
                 raise ValueError(f"evaluate.models names unknown training runs: {', '.join(unknown)}")
 
@@ -271,7 +272,8 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget: Budget | None = None, dev
         evaluation = EvaluationResult(summary.parent, json.loads(summary.read_text()))
     elif recipe.evaluate is not None:
         spec = recipe.evaluate
-        options = dict(models=[ModelSpec(m, checkpoints[m]) for m in spec.models], bm3d=spec.bm3d,
+        models = [ModelSpec.parse(m) if "=" in m else ModelSpec(m, checkpoints[m]) for m in spec.models]
+        options = dict(models=models, bm3d=spec.bm3d,
                        max_slices=spec.max_slices, device=device or "auto", overwrite=overwrite, progress=progress,
                        cache=VolumeCache(out / CACHE))
         if spec.split is not None:

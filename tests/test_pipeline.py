@@ -71,8 +71,12 @@ def data_root(tmp_path):
 
 
 def test_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path, data_root):
+    from n2g_ct.models import STARTER_MODEL
+
+    spec = recipe()
+    spec["evaluate"]["models"] = ["n2g", f"starter={STARTER_MODEL}"]  # a run, and a model trained elsewhere
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe()))
+    path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "n2g_ct.cli", "run", str(path), "--data-root", str(data_root),
                "--out", str(out), "--device", "cpu", "--no-progress"]
@@ -82,7 +86,7 @@ def test_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path, data_
     assert (out / "train" / "n2g" / "checkpoints" / "last.pt").exists()
     assert (out / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
-    assert {m["name"] for m in summary["methods"]} >= {"noisy", "n2g"}
+    assert {m["name"] for m in summary["methods"]} >= {"noisy", "n2g", "starter"}
     times = {p: p.stat().st_mtime_ns for p in (out / "simulated" / "low").iterdir()}
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
