@@ -16,6 +16,7 @@ without rounding), averaged over the test images. SSIM: Gaussian window 11, σ 1
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -126,8 +127,6 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
 def train_configs(experiment: PaperExperiment, out: Path, budget: Budget | None = None,
                   device: str | None = None) -> dict[tuple[str, str], Any]:
     """A validated :class:`~n2g_ct.train_config.TrainConfig` per (setting, method), run folder ``OUT/SETTING/METHOD``."""
-    import dataclasses
-
     from n2g_ct.train_config import TrainConfig
 
     configs = {}
@@ -337,7 +336,14 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mappi
                  results: Mapping[str, _SettingResult], curves: Mapping[str, bytes]) -> None:
     """``per_image.csv``, ``summary.json``, ``figures/``, ``report.md`` and ``report.html`` into ``out_dir``."""
     from n2g_ct.atomic import write_text_atomic
-    from n2g_ct.reports import FIGURES_DIR, Section, html_document, markdown_document, write_csv, write_json
+    from n2g_ct.reports import (
+        FIGURES_DIR,
+        Section,
+        html_document,
+        markdown_document,
+        write_csv,
+        write_json,
+    )
 
     header, table_rows = summary_table(summary)
     protocol = summary["protocol"]

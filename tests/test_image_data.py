@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from n2g_ct.errors import InputError
-from n2g_ct.image_data import ImageCropStream, ImagePools, add_noise, image_files, load_image
+from n2g_ct.image_data import (
+    ImageCropStream,
+    ImagePools,
+    add_noise,
+    image_files,
+    load_image,
+)
 from n2g_ct.noise_models import NoiseModel
 
 COUNT, VALIDATION = 12, 2
@@ -32,7 +38,7 @@ def pools(folder):
 
 
 def source(crop: torch.Tensor) -> int:
-    return int(round((float(crop.mean()) * 255 - 50) / 12))
+    return round((float(crop.mean()) * 255 - 50) / 12)
 
 
 def test_the_folder_splits_into_disjoint_pools_and_validation(pools):
