@@ -293,7 +293,8 @@ def _budget_note(configs: Mapping[tuple[str, str], Any], device: torch.device) -
     steps = [s["step"] for s in states]
     minutes = [s["elapsed_s"] / 60 for s in states]
     first = next(iter(configs.values()))
-    return (f"{min(steps)}-{max(steps)} steps per run, batch {first.optim.batch_size}, {first.data.crop_size}² crops; "
+    step_range = f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+    return (f"{step_range} steps per run, batch {first.optim.batch_size}, {first.data.crop_size}² crops; "
             f"{min(minutes):.1f}-{max(minutes):.1f} min of training per run; evaluated on {device}")
 
 
