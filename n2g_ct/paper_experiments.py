@@ -329,7 +329,7 @@ def _versus_paper_png(summary: Mapping[str, Any]) -> bytes:
         axis.set_xticks(x, names, rotation=30, ha="right")
         axis.set_title(setting["noise"])
         axis.set_ylabel("PSNR (dB)")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="lower center")
     return png(fig)
 
 
