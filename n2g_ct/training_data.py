@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -62,13 +63,19 @@ def build_training_batches(
     (B, C, h, w) float32 in [0, 1]. The batch of step ``t`` depends only on (seed, rank, t).
     """
     data = config.data
+    keys = ("noisy", "clean") if config.method.name == "noise2grad" else ("input", "target")
     if data.images is not None:
-        stream = _rank0_first(rank, world_size, lambda: _image_stream(config, rank, world_size, first_step))
-        keys = ("noisy", "clean") if config.method.name == "noise2grad" else ("input", "target")
-        yield from (dict(zip(keys, batch)) for batch in DataLoader(stream, batch_size=None,
-                                                                    num_workers=data.num_workers,
-                                                                    persistent_workers=data.num_workers > 0))
-        return
+        stream = _image_stream(config, rank, world_size, first_step)
+    else:
+        stream = _ct_stream(config, rank, world_size, first_step)
+    loader = DataLoader(stream, batch_size=None, num_workers=data.num_workers,
+                        persistent_workers=data.num_workers > 0)
+    for batch in loader:
+        yield dict(zip(keys, batch))
+
+
+def _ct_stream(config: TrainConfig, rank: int, world_size: int, first_step: int):
+    data = config.data
     options = dict(
         batch_size=config.optim.batch_size,
         crop_size=(data.crop_size, data.crop_size),
@@ -81,18 +88,13 @@ def build_training_batches(
     )
     if config.method.name == "noise2grad":
         noisy, clean = _pools(data)
-        keys = ("noisy", "clean")
-        stream = _rank0_first(rank, world_size, lambda: UnpairedCropStream(noisy, clean, **options))
-    else:
-        keys = ("input", "target")
-        stream = _rank0_first(rank, world_size, lambda: PairedCropStream(data.paired, **options))
-    loader = DataLoader(stream, batch_size=None, num_workers=data.num_workers,
-                        persistent_workers=data.num_workers > 0)
-    for batch in loader:
-        yield dict(zip(keys, batch))
+        return _rank0_first(rank, world_size, lambda: UnpairedCropStream(noisy, clean, **options))
+    return _rank0_first(rank, world_size, lambda: PairedCropStream(data.paired, **options))
 
 
+@functools.lru_cache(maxsize=2)
 def _image_pools(images: ImageDataConfig, noise2noise: bool = False):
+    """The pools of ``images``, read and noised once per process (training and validation share them)."""
     from n2g_ct.image_data import ImagePools
 
     return ImagePools.from_folder(images.folder, images.noise, color=images.color,
@@ -104,7 +106,7 @@ def _image_stream(config: TrainConfig, rank: int, world_size: int, first_step: i
     from n2g_ct.image_data import ImageCropStream
 
     images = config.data.images
-    pools = _image_pools(images, noise2noise=config.method.name == "noise2noise")
+    pools = _image_pools(images, config.method.name == "noise2noise")
     return ImageCropStream(pools, config.method.name, pairs=images.pairs, crop_size=config.data.crop_size,
                            batch_size=config.optim.batch_size, seed=config.run.seed, rank=rank,
                            world_size=world_size, start=first_step - 1)
