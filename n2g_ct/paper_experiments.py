@@ -310,7 +310,7 @@ def _example_png(example: Mapping[str, np.ndarray], title: str) -> bytes:
         axis.imshow(crop.squeeze(), cmap="gray" if crop.shape[-1] == 1 else None, vmin=0, vmax=1)
         axis.set_title(name)
         axis.axis("off")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     return png(fig)
 
 
