@@ -390,7 +390,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _evenly_spaced(count: int, wanted: int | None) -> np.ndarray:
+def evenly_spaced(count: int, wanted: int | None) -> np.ndarray:
     """Indices into ``range(count)``: all of them, or ``wanted`` evenly spaced (first and last included)."""
     if wanted is None or wanted >= count:
         return np.arange(count)
@@ -450,8 +450,8 @@ def evaluate(
             log.warning("BM3D skipped: %s", exc)
             skipped.append(f"BM3D: {exc}")
     dataset = PairedSliceDataset(pairs, cache=cache)
-    indices = _evenly_spaced(len(dataset), max_slices)
-    shown = set(indices[_evenly_spaced(len(indices), examples)].tolist())
+    indices = evenly_spaced(len(dataset), max_slices)
+    shown = set(indices[evenly_spaced(len(indices), examples)].tolist())
     acc = _Accumulator()
     start = time.perf_counter()
     log.info("evaluating %d of %d paired slices with %s", len(indices), len(dataset), ", ".join(m.name for m in methods))

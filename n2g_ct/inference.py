@@ -76,6 +76,35 @@ class Denoiser:
         return out.cpu().numpy()
 
 
+def network_from_checkpoint(state: Mapping[str, Any], source: str = "checkpoint") -> nn.Module:
+    """The U-Net F of a loaded checkpoint, with its weights, in eval mode on the CPU.
+
+    Raises:
+        InputError: the checkpoint lacks the denoiser or its model settings, or the weights do not
+            fit the U-Net those settings describe.
+    """
+    try:
+        model = state["config"]["model"]
+        channels, base_width, depth = int(model["channels"]), int(model["base_width"]), int(model["depth"])
+        residual = bool(model.get("residual", False))
+        weights = state["denoiser"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{source}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
+    network = build_denoiser(channels, channels, base_width, depth, residual)
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise InputError(f"{source}: the weights do not fit a U-Net of width {base_width}, depth {depth} ({exc})") from None
+    return network.eval()
+
+
+@torch.inference_mode()
+def denoise_image(network: nn.Module, image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """F applied to one (C, H, W) image in [0, 1] (natural images): (1, C, H, W) float32 on the CPU, clipped to [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
+    return network(x).float().clamp(0.0, 1.0).cpu()
+
+
 def denoiser_from_checkpoint(
     state: Mapping[str, Any], *, device: str = "auto", amp: bool = True, source: str = "checkpoint"
 ) -> Denoiser:
@@ -96,22 +125,15 @@ def denoiser_from_checkpoint(
     try:
         config = state["config"]
         low, high = (float(v) for v in config["data"]["window_hu"])
-        model = config["model"]
-        channels, base_width, depth = int(model["channels"]), int(model["base_width"]), int(model["depth"])
-        residual = bool(model.get("residual", False))
         method = str(config["method"]["name"])
-        weights = state["denoiser"]
+        channels = int(config["model"]["channels"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{source}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
     if channels != 1:
         raise InputError(f"{source}: the model has {channels} channels; CT denoising needs a 1-channel model")
     if not high > low:
         raise InputError(f"{source}: data.window_hu must be [low, high] with low < high, got {[low, high]}")
-    network = build_denoiser(channels, channels, base_width, depth, residual)
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise InputError(f"{source}: the weights do not fit a U-Net of width {base_width}, depth {depth} ({exc})") from None
+    network = network_from_checkpoint(state, source)
     torch_device = select_device(device, Processes())
     network.to(torch_device).eval()
     return Denoiser(network, (low, high), method, torch_device, amp=amp and torch_device.type == "cuda")

@@ -146,18 +146,6 @@ def train_configs(experiment: PaperExperiment, out: Path, budget: Budget | None 
     return configs
 
 
-def _network(checkpoint: Path, device: torch.device) -> torch.nn.Module:
-    from n2g_ct.checkpoint import load_checkpoint
-    from n2g_ct.models import build_denoiser
-
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    model = state["config"]["model"]
-    network = build_denoiser(model["channels"], model["channels"], model["base_width"], model["depth"],
-                             bool(model.get("residual", False)))
-    network.load_state_dict(state["denoiser"])
-    return network.to(device).eval()
-
-
 def _bm3d(noisy: np.ndarray, sigma: float) -> np.ndarray:
     """CBM3D (BM3D for one channel) of a (C, H, W) image in [0, 1] with noise std ``sigma`` (same scale)."""
     from n2g_ct.baselines import import_bm3d
@@ -178,15 +166,18 @@ def _evaluate_setting(experiment: PaperExperiment, setting: PaperSetting, checkp
                       device: torch.device, progress: bool) -> _SettingResult:
     from tqdm import tqdm
 
+    from n2g_ct.checkpoint import load_checkpoint
+    from n2g_ct.evaluate import evenly_spaced
     from n2g_ct.image_data import TEST, add_noise, image_files, load_image
+    from n2g_ct.inference import denoise_image, network_from_checkpoint
     from n2g_ct.metrics import IMAGE_RANGE, psnr, ssim
-    from n2g_ct.training_data import denoise_image
 
     files = image_files(experiment.test_folder)
-    picked = _evenly_spaced(len(files), experiment.test_images)
+    picked = evenly_spaced(len(files), experiment.test_images).tolist()
     clean = [load_image(files[i], experiment.color) for i in picked]
     noisy, levels = add_noise(clean, setting.noise, experiment.noise_seed, TEST)
-    networks = {name: _network(path, device) for name, path in checkpoints.items()}
+    networks = {name: network_from_checkpoint(load_checkpoint(path), str(path)).to(device)
+                for name, path in checkpoints.items()}
     use_bm3d = experiment.bm3d and setting.noise.kind == "gaussian"
     rows, example = [], {}
     with torch.inference_mode():
@@ -203,12 +194,6 @@ def _evaluate_setting(experiment: PaperExperiment, setting: PaperSetting, checkp
             if k == 0:
                 example = {name: output[0].numpy() for name, output in outputs.items()} | {"clean": clean[0]}
     return _SettingResult(rows, example)
-
-
-def _evenly_spaced(count: int, wanted: int | None) -> list[int]:
-    if wanted is None or wanted >= count:
-        return list(range(count))
-    return np.linspace(0, count - 1, wanted).round().astype(int).tolist()
 
 
 def _summary(experiment: PaperExperiment, results: Mapping[str, _SettingResult], budget_note: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from n2g_ct.cache import VolumeCache
 from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream
-from n2g_ct.inference import Denoiser
+from n2g_ct.inference import Denoiser, denoise_image
 from n2g_ct.manifest import SliceSelection, load_split
 from n2g_ct.metrics import IMAGE_RANGE, WINDOWS, psnr, ssim
 from n2g_ct.train_config import DataConfig, ImageDataConfig, TrainConfig
@@ -127,12 +127,6 @@ def _image_validation(images: ImageDataConfig, device: torch.device) -> Validati
         return {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean())}
 
     return Validation(score, "psnr", "validation PSNR (dB), images in [0, 1]")
-
-
-def denoise_image(network: nn.Module, image: np.ndarray, device: torch.device) -> Tensor:
-    """F applied to one (C, H, W) image in [0, 1]: (1, C, H, W) float32 on the CPU, clipped to [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
-    return network(x).float().clamp(0.0, 1.0).cpu()
 
 
 def build_validation(data: DataConfig, device: torch.device) -> Validation | None:
