@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
 
 DESTRUCTIONS = ("sign", "phase")
-NOISE_SCALES = ("learned", "fitted")
+NOISE_SCALES = ("learned", "fitted", "spectral")
 
 
 VARIANTS: dict[str, dict[str, object]] = {
@@ -71,7 +71,15 @@ class Noise2GradOptions:
             ``fitted``: on gradient-loss steps G's weight moves towards the least-squares scale
             ``a = <∇n_hat, ∇x> / <∇n_hat, ∇n_hat>`` (per channel, over the batch), an exponential
             moving average with weight ``scale_momentum``; the optimiser does not touch G.
+            ``spectral``: G is a `SpectralNoiseGain`, one gain per radial frequency band, fitted on
+            the same steps so that the synthetic noise's power in each band is the residual's
+            cross-power with the input, which estimates the noise power (see its docstring).
         scale_momentum: weight of each new fit in the moving average of ``fitted``, in (0, 1].
+        freeze_extractor: ``φ`` in (0, 1): from step ``⌈φ·total_steps⌉`` on, ``n_hat`` comes from a
+            frozen copy of F taken at that step, so the synthetic noise stops following F. Without it
+            (paper) the loop "F removes less → less noise is extracted → F learns to remove less"
+            can drift: F keeps learning to preserve detail, removes ever less mid-frequency noise,
+            and PSNR falls as training continues. ``None``: F extracts throughout.
         noise_gain: ``r`` ≥ 1: each sample's synthetic noise is multiplied by a gain drawn
             log-uniformly from [1/r, r], so F learns to remove noise of any level in that range
             (CT noise varies along the body; the slices to denoise may be noisier than the pool).
@@ -88,6 +96,7 @@ class Noise2GradOptions:
     noise_scale: str | None = None
     scale_momentum: float = 0.1
     noise_gain: float = 1.0
+    freeze_extractor: float | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -108,6 +117,8 @@ class Noise2GradOptions:
             raise ValueError(f"Noise2GradOptions.period_fraction must be in (0, 1], got {self.period_fraction!r}")
         if not 0.0 < self.scale_momentum <= 1.0:
             raise ValueError(f"Noise2GradOptions.scale_momentum must be in (0, 1], got {self.scale_momentum!r}")
+        if self.freeze_extractor is not None and not 0.0 < self.freeze_extractor < 1.0:
+            raise ValueError(f"Noise2GradOptions.freeze_extractor must be in (0, 1), got {self.freeze_extractor!r}")
         if not self.noise_gain >= 1.0:
             raise ValueError(f"Noise2GradOptions.noise_gain must be >= 1, got {self.noise_gain!r}")
 
@@ -121,6 +132,18 @@ class Noise2GradOptions:
         if self.period_fraction is None:
             return self.period
         return max(1, round(self.period_fraction * total_steps))
+
+    def freeze_step(self, total_steps: int | None) -> int | None:
+        """The step from which the noise extractor is frozen (``None``: never).
+
+        >>> Noise2GradOptions(freeze_extractor=0.25).freeze_step(2000), Noise2GradOptions().freeze_step(2000)
+        (500, None)
+        """
+        if self.freeze_extractor is None:
+            return None
+        if total_steps is None:
+            raise ValueError("options.freeze_extractor needs the run's total_steps")
+        return max(1, math.ceil(self.freeze_extractor * total_steps))
 
 
 @dataclass(frozen=True)
@@ -270,6 +293,7 @@ def noise2grad_step(
     options: Noise2GradOptions,
     generator: torch.Generator,
     total_steps: int | None = None,
+    extractor: nn.Module | None = None,
 ) -> StepResult:
     """Noise2Grad losses for one batch (see the module docstring); does not step any optimiser.
 
@@ -282,6 +306,8 @@ def noise2grad_step(
         options: ablation switches and the update-delay period.
         generator: source of the detail-destruction masks (unused when detail destruction is off).
         total_steps: the run's length, for ``options.period_fraction`` (ignored without it).
+        extractor: the module whose output gives ``n_hat = x − extractor(x)`` (a frozen copy of F,
+            see ``options.freeze_extractor``); ``None``: F itself.
 
     Returns:
         `StepResult`; ``grad_loss`` is ``None`` on steps without the gradient loss. G receives a
@@ -299,12 +325,16 @@ def noise2grad_step(
 
     # The graph through F is needed only where the gradient loss trains F; through G, only where
     # the optimiser learns G. Otherwise the branch feeds the detached synthetic noise alone.
-    train_denoiser = apply_gradient_loss and options.grad_into_denoiser and torch.is_grad_enabled()
+    train_denoiser = (apply_gradient_loss and options.grad_into_denoiser and extractor is None
+                      and torch.is_grad_enabled())
     learn_scale = apply_gradient_loss and options.noise_scale == "learned" and torch.is_grad_enabled()
     with torch.set_grad_enabled(train_denoiser):
-        n_hat = x - denoiser(x)
-    if apply_gradient_loss and options.noise_scale == "fitted" and torch.is_grad_enabled():
-        fit_noise_scale_(noise_approximator, n_hat.detach(), x, options.scale_momentum)
+        n_hat = x - (denoiser if extractor is None else extractor)(x)
+    if apply_gradient_loss and options.noise_scale != "learned" and torch.is_grad_enabled():
+        if options.noise_scale == "spectral":
+            noise_approximator.fit_(n_hat.detach(), x, options.scale_momentum)
+        else:
+            fit_noise_scale_(noise_approximator, n_hat.detach(), x, options.scale_momentum)
     with torch.set_grad_enabled(train_denoiser or learn_scale):
         n_tilde = noise_approximator(n_hat)
     noise = destroy_details(n_tilde.detach(), options, generator)

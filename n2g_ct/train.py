@@ -10,6 +10,7 @@ resumed run logs the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import signal
@@ -31,7 +32,7 @@ from n2g_ct.checkpoint import load_checkpoint, save_checkpoint
 from n2g_ct.config import to_dict
 from n2g_ct.devices import Processes, init_processes, select_device
 from n2g_ct.errors import ConfigError, InputError
-from n2g_ct.models import build_denoiser, build_noise_approximator
+from n2g_ct.models import SpectralNoiseGain, build_denoiser, build_noise_approximator
 from n2g_ct.noise2grad import (
     StepResult,
     noise2grad_step,
@@ -73,18 +74,29 @@ class TrainingObjective(nn.Module):
         self.method = config.method
         self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth, model.residual)
         self.noise_approximator = None
-        if self.method.name == "noise2grad":
+        if self.method.name == "noise2grad" and self.method.noise2grad.noise_scale == "spectral":
+            self.noise_approximator = SpectralNoiseGain(model.channels)
+        elif self.method.name == "noise2grad":
             fitted = self.method.noise2grad.noise_scale == "fitted"
             # A fitted scale starts from the identity unless told otherwise; the optimiser leaves it alone.
             init_scale = 1.0 if fitted and model.g_init_scale is None else model.g_init_scale
             self.noise_approximator = build_noise_approximator(model.channels, init_scale).requires_grad_(not fitted)
+        self.extractor = None
+        if self.method.name == "noise2grad" and self.method.noise2grad.freeze_extractor is not None:
+            # The frozen copy of F that extracts the noise once the run passes the freeze step.
+            self.extractor = copy.deepcopy(self.denoiser).requires_grad_(False)
 
     def forward(self, batch: dict[str, Tensor], step: int, generator: torch.Generator) -> tuple[Tensor, StepResult]:
         name = self.method.name
         if name == "noise2grad":
+            options = self.method.noise2grad
+            freeze_step = options.freeze_step(self.total_steps) if self.extractor is not None else None
+            if step == freeze_step:
+                self.extractor.load_state_dict(self.denoiser.state_dict())
+            frozen = freeze_step is not None and step >= freeze_step
             result = noise2grad_step(
                 self.denoiser, self.noise_approximator, batch["noisy"], batch["clean"], step,
-                self.method.noise2grad, generator, self.total_steps,
+                options, generator, self.total_steps, self.extractor if frozen else None,
             )
         elif name == "supervised":
             result = supervised_step(self.denoiser, batch["input"], batch["target"])
@@ -201,6 +213,7 @@ class _Trainer:
             "noise_approximator": (
                 self.objective.noise_approximator.state_dict() if self.objective.noise_approximator else None
             ),
+            "extractor": self.objective.extractor.state_dict() if self.objective.extractor else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -225,6 +238,8 @@ class _Trainer:
             self.objective.denoiser.load_state_dict(state["denoiser"])
             if self.objective.noise_approximator is not None:
                 self.objective.noise_approximator.load_state_dict(state["noise_approximator"])
+            if self.objective.extractor is not None:
+                self.objective.extractor.load_state_dict(state["extractor"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])

@@ -9,7 +9,7 @@ import torch
 
 import n2g_ct.noise2grad
 from n2g_ct.losses import gradient_loss
-from n2g_ct.models import build_denoiser, build_noise_approximator
+from n2g_ct.models import SpectralNoiseGain, build_denoiser, build_noise_approximator
 from n2g_ct.noise2grad import (
     VARIANTS,
     Noise2GradOptions,
@@ -338,3 +338,77 @@ def test_default_variant_trains_the_denoiser_on_synthetic_pairs_only(batch):
     # The synthetic image carries the phase-scrambled extracted noise.
     noise = phase_scramble(result.images["n_tilde"], torch.Generator().manual_seed(0))
     torch.testing.assert_close(result.images["x_s"], (y + noise).clamp(0, 1))
+
+
+def test_a_frozen_extractor_supplies_the_noise_and_receives_no_gradient(models, batch):
+    """With an extractor, ``n_hat = x − extractor(x)``; even the paper's gradient loss then leaves F
+    learning from the synthetic pairs alone, and the extractor gets no gradient."""
+    denoiser, approximator = models
+    extractor = build_denoiser(base_width=4, depth=2).requires_grad_(False)
+    x, y = batch
+    result = noise2grad_step(denoiser, approximator, x, y, 1, FAITHFUL, torch.Generator().manual_seed(0),
+                             extractor=extractor)
+    assert result.grad_loss is not None
+    torch.testing.assert_close(result.images["n_hat"], x - extractor(x))
+    step_gradients = torch.autograd.grad(result.loss, list(denoiser.parameters()))
+    denoise_only = torch.autograd.grad(((denoiser(result.images["x_s"]) - y) ** 2).mean(), list(denoiser.parameters()))
+    for actual, wanted in zip(step_gradients, denoise_only, strict=True):
+        torch.testing.assert_close(actual, wanted)
+
+
+def test_freeze_step_is_a_fraction_of_the_run():
+    options = Noise2GradOptions(freeze_extractor=0.3)
+    assert [options.freeze_step(total) for total in (10, 2748, 1)] == [3, 825, 1]
+    with pytest.raises(ValueError, match="total_steps"):
+        options.freeze_step(None)
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="freeze_extractor"):
+            Noise2GradOptions(freeze_extractor=bad)
+
+
+def _gaussian_field(spectrum: torch.Tensor, batch: int, size: int, seed: int) -> torch.Tensor:
+    """(batch, 1, size, size) stationary Gaussian fields with the given ``rfft2`` power spectrum."""
+    white = torch.fft.rfft2(torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(seed)))
+    return torch.fft.irfft2(white * spectrum.sqrt(), s=(size, size))
+
+
+def test_spectral_gain_restores_the_noise_power_that_a_wiener_filter_leaves_in_the_image():
+    """F = the exact Wiener filter of a smooth image in correlated noise: its residual ``n_hat`` is far
+    weaker than the noise, in the bands where image and noise compete; the spectral G, fitted on
+    ``n_hat`` and ``x`` alone, makes ``n_tilde`` as strong as the noise band by band."""
+    size = 64
+    radius = torch.sqrt(torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None, :] ** 2)
+    signal_spectrum = 1e-3 / (0.01 + radius**2)
+    noise_spectrum = 0.02 * torch.exp(-((radius - 0.2) ** 2) / 0.02)  # CT-like: band-pass noise
+    signal, noise = (_gaussian_field(s, 64, size, seed) for s, seed in ((signal_spectrum, 1), (noise_spectrum, 2)))
+    x = signal + noise
+    wiener = signal_spectrum / (signal_spectrum + noise_spectrum)
+    n_hat = x - torch.fft.irfft2(torch.fft.rfft2(x) * wiener, s=(size, size))
+
+    gain = SpectralNoiseGain(1)
+    torch.testing.assert_close(gain(n_hat), n_hat - n_hat.mean(dim=(2, 3), keepdim=True))  # unfitted: gain 1
+    gain.fit_(n_hat, x, momentum=0.5)  # the first fit sets the averages whatever the momentum
+    n_tilde = gain(n_hat)
+    assert float(n_hat.std()) < 0.8 * float(noise.std())
+    assert float(n_tilde.std()) == pytest.approx(float(noise.std()), rel=0.05)
+    bands = SpectralNoiseGain.band_index(size, size, torch.device("cpu"))
+    power = {name: torch.fft.rfft2(z).abs().square().mean(0)[0] for name, z in (("noise", noise), ("n_tilde", n_tilde))}
+    for band in range(SpectralNoiseGain.BANDS):
+        inside = bands == band
+        if float(power["noise"][inside].mean()) > 0.1 * float(power["noise"].max()):
+            ratio = float(power["n_tilde"][inside].mean() / power["noise"][inside].mean())
+            assert ratio == pytest.approx(1.0, rel=0.2), (band, ratio)
+    assert int(gain.fits) == 1
+
+
+def test_spectral_gain_follows_its_moving_average():
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    gain = SpectralNoiseGain(1)
+    gain.fit_(0.5 * x, x, momentum=0.1)  # n_hat = x/2: cross/power = 2 in every band with coefficients
+    empty = torch.bincount(SpectralNoiseGain.band_index(16, 16, x.device).flatten()[1:], minlength=16) == 0
+    assert empty.tolist() == [True] + [False] * 15  # 16² crops: only the zero frequency is that low
+    torch.testing.assert_close(gain.weight[0], torch.where(empty, 1.0, 2**0.5))  # an empty band keeps gain 1
+    cross, power = gain.cross.clone(), gain.power.clone()
+    gain.fit_(x, x, momentum=0.1)
+    torch.testing.assert_close(gain.cross[0, 1:], 0.9 * cross[0, 1:] + 0.1 * (cross[0, 1:] * 2))
+    torch.testing.assert_close(gain.power[0, 1:], 0.9 * power[0, 1:] + 0.1 * (power[0, 1:] * 4))

@@ -297,3 +297,39 @@ def test_noise_scale_benchmark_compares_synthesised_and_true_noise(synthetic, tm
     printed = capsys.readouterr().out
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert "| default | 6 |" in printed and "true noise std on slices" in printed
+
+
+def test_the_frozen_extractor_is_f_at_the_freeze_step_and_survives_a_resume(synthetic, tmp_path, monkeypatch):
+    """``freeze_extractor: 0.5`` of 12 steps: from step 6 the noise comes from F as it was after step 5,
+    and a run interrupted after the freeze resumes with that extractor, identical to a straight run."""
+    sections = {"method": {"noise2grad": {"period": 4, "freeze_extractor": 0.5}}}
+    train(make_config(synthetic, tmp_path / "straight", **sections), progress=False)
+    interrupted = make_config(synthetic, tmp_path / "resumed", **sections)
+    original_step = train_module._train_step
+    stop_after = []
+
+    def step_then_interrupt(trainer, batch):
+        result = original_step(trainer, batch)
+        if stop_after and trainer.step == stop_after[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train_module, "_train_step", step_then_interrupt)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "last.pt"
+    stop_after.append(5)
+    with pytest.raises(TrainingInterrupted):
+        train(interrupted, progress=False)
+    f_after_step_5 = load_checkpoint(checkpoint)["denoiser"]
+    stop_after[0] = 8
+    with pytest.raises(TrainingInterrupted):
+        train(interrupted, resume=True, progress=False)
+    train(interrupted, resume=True, progress=False)
+
+    rows = {run: [(r["step"], r["loss"], r["noise_std"]) for r in read_rows(tmp_path / run / "train_log.csv")]
+            for run in ("straight", "resumed")}
+    assert rows["resumed"] == rows["straight"]
+    final = {run: load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "resumed")}
+    for key, frozen in f_after_step_5.items():
+        assert torch.equal(final["resumed"]["extractor"][key], frozen)
+        assert torch.equal(final["straight"]["extractor"][key], frozen)
+    assert any(not torch.equal(final["straight"]["denoiser"][k], f_after_step_5[k]) for k in f_after_step_5)

@@ -1,4 +1,4 @@
-"""Networks of Noise2Grad: the denoiser F (U-Net) and the noise approximator G (1×1 conv).
+"""Networks of Noise2Grad: the denoiser F (U-Net) and the noise approximator G (1×1 conv or spectral gain).
 
 Use the builders: they apply the official code's initialisation (pix2pix ``init_weights``,
 type ``normal``, gain 0.02): every conv weight ~ N(0, 0.02²), every bias 0. The zero bias of G
@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from n2g_ct.models.noise_approx import NoiseApproximator
+from n2g_ct.models.noise_approx import NoiseApproximator, SpectralNoiseGain
 from n2g_ct.models.unet import UNet
 
 __all__ = [
     "OFFICIAL_INIT_STD",
     "STARTER_MODEL",
     "NoiseApproximator",
+    "SpectralNoiseGain",
     "UNet",
     "build_denoiser",
     "build_noise_approximator",
@@ -30,9 +31,9 @@ __all__ = [
 ]
 
 OFFICIAL_INIT_STD = 0.02
+"""Standard deviation of the official N(0, std²) conv-weight initialisation."""
 STARTER_MODEL = Path(__file__).parent / "starter_chest_quarter_dose.pt"
 """The shipped starter model (README, "Starter model"): ``n2g-ct denoise``'s default and the demo's starting point."""
-"""Standard deviation of the official N(0, std²) conv-weight initialisation."""
 
 
 def official_init_(module: nn.Module, std: float = OFFICIAL_INIT_STD) -> nn.Module:

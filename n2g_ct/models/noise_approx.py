@@ -1,8 +1,12 @@
-"""Noise-approximation module G of Noise2Grad."""
+"""Noise-approximation modules G of Noise2Grad: the paper's 1×1 convolution and a spectral gain."""
 
 from __future__ import annotations
 
-from torch import nn
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 
 
 class NoiseApproximator(nn.Conv2d):
@@ -20,3 +24,86 @@ class NoiseApproximator(nn.Conv2d):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"NoiseApproximator channels must be an integer >= 1, got {channels!r}")
         super().__init__(channels, channels, kernel_size=1, bias=True)
+
+
+class SpectralNoiseGain(nn.Module):
+    """G as a gain per radial frequency band, fitted so the synthetic noise has the input's noise power.
+
+    For a denoiser F that is the minimum-mean-square-error estimate of the clean image, the removed
+    noise ``n_hat = x − F(x)`` and the input ``x = s + n`` satisfy, for every linear projection P of
+    the image (here: the Fourier coefficients of one frequency band),
+    ``E[<P n_hat, P x>] = E[|P n|²]``: the residual's cross-power with the input is the noise power
+    (orthogonality of the error to any function of x; n zero-mean and independent of s). The
+    residual's own power is smaller, ``r/(1+r)`` of the noise power in a band with noise-to-signal
+    ratio r, which is why synthetic noise made of ``n_hat`` alone is too weak wherever image and noise
+    compete, and keeps getting weaker as F is trained on it. This G rescales each band of ``n_hat`` by
+    ``sqrt(cross / power)``, moving averages of the two sums over the batches it is fitted on, so that
+    the synthetic noise's power spectrum is the estimated noise power spectrum.
+
+    Buffers (saved in checkpoints): ``cross`` and ``power``, (channels, bands) moving averages of
+    ``Re(N̂·X̄)`` and ``|N̂|²`` per Fourier coefficient, and ``fits``, their count; ``weight`` (property): the gains, (channels, bands). Bands
+    split radial frequency ``|f|`` in [0, √2/2] cycles/pixel evenly; the zero frequency gets gain 0
+    (the synthetic noise has zero mean per crop). Until the first fit every gain is 1.
+
+    Shapes:
+        input (B, channels, H, W) → output (B, channels, H, W), same units as the input.
+    """
+
+    BANDS = 16
+
+    def __init__(self, channels: int = 1) -> None:
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"SpectralNoiseGain channels must be an integer >= 1, got {channels!r}")
+        super().__init__()
+        self.register_buffer("cross", torch.ones(channels, self.BANDS))
+        self.register_buffer("power", torch.ones(channels, self.BANDS))
+        self.register_buffer("fits", torch.zeros((), dtype=torch.long))
+
+    @property
+    def weight(self) -> Tensor:
+        """Band gains ``sqrt(max(cross, 0) / power)``, (channels, bands)."""
+        return (self.cross.clamp_min(0) / self.power.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+
+    @staticmethod
+    def band_index(height: int, width: int, device: torch.device) -> Tensor:
+        """(H, W//2+1) band of each ``rfft2`` coefficient; −1 at the zero frequency."""
+        fy = torch.fft.fftfreq(height, device=device)[:, None]
+        fx = torch.fft.rfftfreq(width, device=device)[None, :]
+        radius = torch.sqrt(fy**2 + fx**2) / (math.sqrt(0.5) + 1e-6)
+        bands = (radius * SpectralNoiseGain.BANDS).long().clamp_max(SpectralNoiseGain.BANDS - 1)
+        bands[0, 0] = -1
+        return bands
+
+    def forward(self, n_hat: Tensor) -> Tensor:
+        spectrum = torch.fft.rfft2(n_hat.float())
+        bands = self.band_index(*n_hat.shape[-2:], n_hat.device)
+        gains = self.weight.to(n_hat.device)[:, bands.clamp_min(0)] * (bands >= 0)  # (C, H, W//2+1)
+        return torch.fft.irfft2(spectrum * gains, s=tuple(n_hat.shape[-2:])).to(n_hat.dtype)
+
+    @torch.no_grad()
+    def fit_(self, n_hat: Tensor, x: Tensor, momentum: float) -> Tensor:
+        """Move the moving averages (weight ``momentum``; the first fit sets them) towards this batch's
+        per-band means of ``Re(N̂·X̄)`` and ``|N̂|²``; returns this batch's gains, (channels, bands).
+
+        Under ``torch.distributed`` the means are averaged over all processes, so every rank has the same G.
+        """
+        spectrum_n, spectrum_x = torch.fft.rfft2(n_hat.float()), torch.fft.rfft2(x.float())
+        bands = self.band_index(*n_hat.shape[-2:], n_hat.device).flatten()
+        keep = bands >= 0
+        per_coefficient = torch.stack([
+            (spectrum_n * spectrum_x.conj()).real.mean(0).flatten(1)[:, keep],  # (C, K)
+            spectrum_n.abs().square().mean(0).flatten(1)[:, keep],
+        ]) / (n_hat.shape[-1] * n_hat.shape[-2])
+        band = bands[keep].expand_as(per_coefficient)
+        sums = torch.zeros(2, *self.cross.shape, device=n_hat.device).scatter_add_(2, band, per_coefficient)
+        counts = torch.bincount(bands[keep], minlength=self.BANDS)
+        means = sums / counts.clamp_min(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        # A band without coefficients (only in tiny crops) keeps its average.
+        weight = (1.0 if int(self.fits) == 0 else momentum) * (counts > 0).to(self.cross)
+        self.cross.mul_(1 - weight).add_(weight * means[0].to(self.cross))
+        self.power.mul_(1 - weight).add_(weight * means[1].to(self.power))
+        self.fits += 1
+        return (means[0].clamp_min(0) / means[1].clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
