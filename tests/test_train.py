@@ -264,7 +264,7 @@ def test_a_time_budget_fixes_the_step_count_after_calibration(synthetic, tmp_pat
     assert int(rows[-1]["step"]) == state["total_steps"] == state["step"]
     warm, calibrated = (float(rows[s - 1]["time_s"]) for s in (WARMUP_STEPS, CALIBRATION_STEPS))
     rate = (calibrated - warm) / (CALIBRATION_STEPS - WARMUP_STEPS)
-    expected = CALIBRATION_STEPS + (0.05 * 60 - calibrated) / rate
+    expected = CALIBRATION_STEPS + max(0.05 * 60 - calibrated, 0) / rate  # a slow machine may spend it all
     assert state["total_steps"] == pytest.approx(expected, rel=0.05)
 
 
