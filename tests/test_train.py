@@ -283,14 +283,20 @@ def test_tensorboard_events_mirror_the_csv_log(synthetic, tmp_path):
 
 def test_noise_scale_benchmark_compares_synthesised_and_true_noise(synthetic, tmp_path, capsys):
     from n2g_ct.benchmarks.noise_scale import main as noise_scale_main
-    from n2g_ct.benchmarks.noise_scale import true_noise_std_hu
+    from n2g_ct.benchmarks.noise_scale import true_noise_spectrum, true_noise_std_hu
 
     reference = np.zeros((4, 40, 40), np.float32)
     noise = np.random.default_rng(0).normal(0, 30.0, reference.shape).astype(np.float32)
     assert true_noise_std_hu(reference + noise, reference, crop=16) == pytest.approx(30.0, rel=0.05)
+    # white noise: the same power, σ² per coefficient, in every band (those a 16² crop has)
+    reference = np.zeros((32, 64, 64), np.float32)  # many independent crops: every band is well sampled
+    noise = np.random.default_rng(1).normal(0, 30.0, reference.shape).astype(np.float32)
+    spectrum = true_noise_spectrum(reference + noise, reference, crop=16, crops=2048)
+    np.testing.assert_allclose(spectrum[~np.isnan(spectrum)], 900.0, rtol=0.2)
 
     run = tmp_path / "run"
-    train(make_config(synthetic, run, optim={"steps": 6}, run={"validate_every": 3}), progress=False)
+    train(make_config(synthetic, run, optim={"steps": 6}, method={"noise2grad": {"period": 4, "noise_scale": "spectral"}},
+                      run={"validate_every": 3}), progress=False)
     figure = tmp_path / "noise.png"
     noise_scale_main(["--run", f"default={run}", "--low-dose", str(synthetic / "test_low"),
                       "--reference", str(synthetic / "test_ref"), "--out", str(figure)])

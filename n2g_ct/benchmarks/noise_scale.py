@@ -8,7 +8,8 @@ units; ``g_weight``: G's mean weight) and ``validation.csv``. The true noise is 
 fact, on paired test slices the runs never trained on: the std of (low dose − reference) over random
 crops of the training crop size, in HU, pooled like the training log's batch std. Writes one
 figure (synthesised noise std in HU and G's weight against steps, validation PSNR against steps
-and minutes) and prints a table of the last logged values.
+and minutes; for runs with a ``spectral`` noise scale also the noise power per frequency band that
+G estimated, against the true one and the residual's own) and prints a table of the last logged values.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from n2g_ct.checkpoint import load_checkpoint
 from n2g_ct.io import read_volume
+from n2g_ct.models import SpectralNoiseGain
 from n2g_ct.reports import figure, png
 
 
@@ -37,6 +40,21 @@ def true_noise_std_hu(low_dose: np.ndarray, reference: np.ndarray, crop: int, cr
     x = rng.integers(0, difference.shape[2] - crop + 1, crops)
     patches = np.stack([difference[k, i : i + crop, j : j + crop] for k, i, j in zip(z, y, x, strict=True)])
     return float(patches.std())
+
+
+def true_noise_spectrum(low_dose: np.ndarray, reference: np.ndarray, crop: int, crops: int = 256,
+                        seed: int = 0) -> np.ndarray:
+    """Power of ``low_dose − reference`` per `SpectralNoiseGain` band, (bands,), in HU² per Fourier
+    coefficient (``|FFT|²/crop²``, the units of the spectral G's ``cross``), over random ``crop``² crops."""
+    difference = low_dose.astype(np.float64) - reference
+    rng = np.random.default_rng(seed)
+    z = rng.integers(0, difference.shape[0], crops)
+    y = rng.integers(0, difference.shape[1] - crop + 1, crops)
+    x = rng.integers(0, difference.shape[2] - crop + 1, crops)
+    patches = torch.from_numpy(np.stack([difference[k, i : i + crop, j : j + crop] for k, i, j in zip(z, y, x, strict=True)]))
+    power = torch.fft.rfft2(patches).abs().square().mean(0) / crop**2
+    bands = SpectralNoiseGain.band_index(crop, crop, torch.device("cpu"))
+    return np.array([float(power[bands == b].mean()) for b in range(SpectralNoiseGain.BANDS)])
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -66,10 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     start, _, stop = args.slices.partition(":")
     chosen = slice(int(start) if start else None, int(stop) if stop else None)
     width_hu, crop = _window_width_hu(next(iter(runs.values())))
-    true_std = true_noise_std_hu(read_volume(args.low_dose).hu[chosen], read_volume(args.reference).hu[chosen], crop)
+    low_dose, reference = read_volume(args.low_dose).hu[chosen], read_volume(args.reference).hu[chosen]
+    true_std = true_noise_std_hu(low_dose, reference, crop)
 
-    fig = figure(16, 4)
-    noise_axis, weight_axis, steps_axis, minutes_axis = fig.subplots(1, 4)
+    fig = figure(20, 4)
+    noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis = fig.subplots(1, 5)
+    band_centres = (np.arange(SpectralNoiseGain.BANDS) + 0.5) * np.sqrt(0.5) / SpectralNoiseGain.BANDS
+    spectrum_axis.plot(band_centres, true_noise_spectrum(low_dose, reference, crop), color="black", linestyle="--",
+                       label="true (paired slices, after training)")
     print(f"true noise std on slices {args.slices}: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
     print("| run | steps | G weight | synthesised noise std (HU) | ratio to true | last validation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
@@ -85,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         steps_axis.plot([s for s, _ in validation], [p for _, p in validation], marker=".", label=name)
         minutes_axis.plot([minutes.get(s, np.nan) for s, _ in validation], [p for _, p in validation],
                           marker=".", label=name)
+        g = load_checkpoint(run_dir / "checkpoints" / "last.pt")["noise_approximator"]
+        if g is not None and "cross" in g:
+            line, = spectrum_axis.plot(band_centres, g["cross"][0].numpy() * width_hu**2, label=f"{name}: G's estimate")
+            spectrum_axis.plot(band_centres, g["power"][0].numpy() * width_hu**2, color=line.get_color(),
+                               linestyle=":", label=f"{name}: residual n_hat")
         last_noise = float(np.median(noise_hu[-10:]))
         print(f"| {name} | {steps[-1]} | {weights[-1]:.3f} | {last_noise:.1f} | {last_noise / true_std:.2f} | "
               f"{validation[-1][1]:.2f} |")
@@ -93,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale)")
     steps_axis.set(xlabel="optimiser steps", ylabel="validation PSNR (dB), [-160, 240] HU")
     minutes_axis.set(xlabel="training time (min)", ylabel="validation PSNR (dB), [-160, 240] HU")
-    for axis in (noise_axis, weight_axis, steps_axis, minutes_axis):
+    spectrum_axis.set(xlabel="radial frequency (cycles/pixel)", ylabel="noise power per coefficient (HU²)",
+                      yscale="log", title="spectral G, end of training")
+    for axis in (noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     args.out.write_bytes(png(fig))
