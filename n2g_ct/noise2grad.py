@@ -80,6 +80,9 @@ class Noise2GradOptions:
             (paper) the loop "F removes less → less noise is extracted → F learns to remove less"
             can drift: F keeps learning to preserve detail, removes ever less mid-frequency noise,
             and PSNR falls as training continues. ``None``: F extracts throughout.
+        extend_low: ``spectral`` scale only: take each band's noise power as at least that of every
+            higher band, where the estimate is reliable (see `SpectralNoiseGain`); ``False``
+            uses every band's own estimate.
         noise_gain: ``r`` ≥ 1: each sample's synthetic noise is multiplied by a gain drawn
             log-uniformly from [1/r, r], so F learns to remove noise of any level in that range
             (CT noise varies along the body; the slices to denoise may be noisier than the pool).
@@ -97,6 +100,7 @@ class Noise2GradOptions:
     scale_momentum: float = 0.1
     noise_gain: float = 1.0
     freeze_extractor: float | None = None
+    extend_low: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -105,7 +109,7 @@ class Noise2GradOptions:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         _require_positive_int(self.period, "Noise2GradOptions.period (optimiser steps)")
-        for name in ("detail_destruction", "update_delay", "grad_into_denoiser"):
+        for name in ("detail_destruction", "update_delay", "grad_into_denoiser", "extend_low"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"Noise2GradOptions.{name} must be true or false, got {value!r}")

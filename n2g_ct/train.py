@@ -75,7 +75,7 @@ class TrainingObjective(nn.Module):
         self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth, model.residual)
         self.noise_approximator = None
         if self.method.name == "noise2grad" and self.method.noise2grad.noise_scale == "spectral":
-            self.noise_approximator = SpectralNoiseGain(model.channels)
+            self.noise_approximator = SpectralNoiseGain(model.channels, self.method.noise2grad.extend_low)
         elif self.method.name == "noise2grad":
             fitted = self.method.noise2grad.noise_scale == "fitted"
             # A fitted scale starts from the identity unless told otherwise; the optimiser leaves it alone.

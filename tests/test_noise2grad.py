@@ -385,7 +385,7 @@ def test_spectral_gain_restores_the_noise_power_that_a_wiener_filter_leaves_in_t
     wiener = signal_spectrum / (signal_spectrum + noise_spectrum)
     n_hat = x - torch.fft.irfft2(torch.fft.rfft2(x) * wiener, s=(size, size))
 
-    gain = SpectralNoiseGain(1)
+    gain = SpectralNoiseGain(1, extend_low=False)  # the estimate itself, band by band
     torch.testing.assert_close(gain(n_hat), n_hat - n_hat.mean(dim=(2, 3), keepdim=True))  # unfitted: gain 1
     gain.fit_(n_hat, x, momentum=0.5)  # the first fit sets the averages whatever the momentum
     n_tilde = gain(n_hat)
@@ -403,7 +403,7 @@ def test_spectral_gain_restores_the_noise_power_that_a_wiener_filter_leaves_in_t
 
 def test_spectral_gain_follows_its_moving_average():
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    gain = SpectralNoiseGain(1)
+    gain = SpectralNoiseGain(1, extend_low=False)
     gain.fit_(0.5 * x, x, momentum=0.1)  # n_hat = x/2: cross/power = 2 in every band with coefficients
     empty = torch.bincount(SpectralNoiseGain.band_index(16, 16, x.device).flatten()[1:], minlength=16) == 0
     assert empty.tolist() == [True] + [False] * 15  # 16² crops: only the zero frequency is that low
@@ -412,3 +412,14 @@ def test_spectral_gain_follows_its_moving_average():
     gain.fit_(x, x, momentum=0.1)
     torch.testing.assert_close(gain.cross[0, 1:], 0.9 * cross[0, 1:] + 0.1 * (cross[0, 1:] * 2))
     torch.testing.assert_close(gain.power[0, 1:], 0.9 * power[0, 1:] + 0.1 * (power[0, 1:] * 4))
+
+
+def test_extending_to_low_frequencies_lifts_each_band_to_the_largest_estimate_above_it():
+    gain = SpectralNoiseGain(1)
+    estimate = [-5.0, -1.0, 2.0, 4.0, 6.0, 5.0, 3.0] + [1.0] * 9  # unreliable (negative) at the lowest bands
+    gain.cross.copy_(torch.tensor([estimate]))
+    gain.power.fill_(2.0)
+    assert (gain.weight**2 * 2.0).squeeze().tolist() == pytest.approx([6.0] * 5 + [5.0, 3.0] + [1.0] * 9)
+    assert (SpectralNoiseGain(1, extend_low=False).weight == 1).all()
+    gain.extend_low = False
+    assert (gain.weight**2 * 2.0).squeeze().tolist() == pytest.approx([0.0, 0.0] + estimate[2:])

@@ -40,6 +40,14 @@ class SpectralNoiseGain(nn.Module):
     ``sqrt(cross / power)``, moving averages of the two sums over the batches it is fitted on, so that
     the synthetic noise's power spectrum is the estimated noise power spectrum.
 
+    At low frequencies the image's power is hundreds to thousands of times the noise's, and small
+    errors of F there (a contrast change of a few per cent) swamp the estimate, which then often
+    comes out negative. With ``extend_low`` (default) each band's target power is the largest
+    estimate at its frequency or above: the noise spectrum is assumed not to fall towards low
+    frequencies. That holds for white noise and for the reconstructed CT noise measured in
+    BENCHMARKS.md; for noise whose spectrum does fall (an FBP ramp at the lowest frequencies) it
+    overestimates the low-frequency noise, which makes F smooth more there.
+
     Buffers (saved in checkpoints): ``cross`` and ``power``, (channels, bands) moving averages of
     ``Re(N̂·X̄)`` and ``|N̂|²`` per Fourier coefficient, and ``fits``, their count; ``weight`` (property): the gains, (channels, bands). Bands
     split radial frequency ``|f|`` in [0, √2/2] cycles/pixel evenly; the zero frequency gets gain 0
@@ -51,18 +59,23 @@ class SpectralNoiseGain(nn.Module):
 
     BANDS = 16
 
-    def __init__(self, channels: int = 1) -> None:
+    def __init__(self, channels: int = 1, extend_low: bool = True) -> None:
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"SpectralNoiseGain channels must be an integer >= 1, got {channels!r}")
         super().__init__()
+        self.extend_low = extend_low
         self.register_buffer("cross", torch.ones(channels, self.BANDS))
         self.register_buffer("power", torch.ones(channels, self.BANDS))
         self.register_buffer("fits", torch.zeros((), dtype=torch.long))
 
     @property
     def weight(self) -> Tensor:
-        """Band gains ``sqrt(max(cross, 0) / power)``, (channels, bands)."""
-        return (self.cross.clamp_min(0) / self.power.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+        """Band gains ``sqrt(target / power)``, (channels, bands); ``target = max(cross, 0)``, and with
+        ``extend_low`` the largest such estimate at the band's frequency or above."""
+        target = self.cross.clamp_min(0)
+        if self.extend_low:
+            target = target.flip(-1).cummax(-1).values.flip(-1)
+        return (target / self.power.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
 
     @staticmethod
     def band_index(height: int, width: int, device: torch.device) -> Tensor:
