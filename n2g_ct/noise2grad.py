@@ -38,7 +38,7 @@ NOISE_SCALES = ("learned", "fitted", "spectral")
 
 VARIANTS: dict[str, dict[str, object]] = {
     "faithful": {"destruction": "sign", "grad_into_denoiser": True, "noise_scale": "learned"},
-    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "fitted"},
+    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral"},
 }
 """The choices each variant makes for the options left unset (see `Noise2GradOptions`)."""
 
