@@ -12,12 +12,18 @@ Two variants (`Noise2GradOptions.variant`):
 - ``faithful``, the paper and its official code: ``D`` multiplies by random ±1 per pixel; G (a 1×1
   conv) is learned by the optimiser from ~0; ``L_grad`` trains F too, through ``n_hat``.
 - ``default``, this toolkit's: ``D`` randomises the Fourier phases of each crop (keeps the noise
-  power spectrum, so CT's spatially correlated noise stays correlated); G's scale is the
-  least-squares fit of ``∇n_hat`` to ``∇x`` (a moving average, starting at 1), so the synthetic
-  noise has the right strength from the first step; ``L_grad`` sets that scale only, and F learns
-  from the synthetic pairs. Each change is an option; BENCHMARKS.md measures them alone and together.
+  power spectrum, so CT's spatially correlated noise stays correlated); G is a gain per radial
+  frequency band (`SpectralNoiseGain`), fitted so that the synthetic noise's power in each band is
+  the residual's cross-power with the input, ``Re<N̂_hat, X̂>``, which for a least-squares F estimates
+  the noise power (the residual's own power falls short by ``r/(1+r)`` in a band with
+  noise-to-signal ratio r, so synthetic noise made of the residual alone is too weak exactly where
+  image and noise compete, and keeps weakening as F trains on it); at low frequencies, where the
+  image swamps that estimate, each band takes the largest estimate above it (``extend_low``);
+  ``L_grad`` is only reported, and F
+  learns from the synthetic pairs. Each change is an option; BENCHMARKS.md measures them alone and
+  together.
 
-The step only computes losses (and, for a fitted scale, updates G in place); the caller owns the
+The step only computes losses (and, for a fitted or spectral scale, updates G in place); the caller owns the
 optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
 """
 
