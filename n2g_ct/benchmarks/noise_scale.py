@@ -9,7 +9,7 @@ fact, on paired test slices the runs never trained on: the std of (low dose − 
 crops of the training crop size, in HU, pooled like the training log's batch std. Writes one
 figure (synthesised noise std in HU and G's weight against steps, validation PSNR against steps
 and minutes; for runs with a ``spectral`` noise scale also the noise power per frequency band that
-G estimated, against the true one and the residual's own) and prints a table of the last logged values.
+G synthesises, against the true one and the residual's own) and prints a table of the last logged values.
 """
 
 from __future__ import annotations
@@ -107,17 +107,22 @@ def main(argv: list[str] | None = None) -> None:
         steps_axis.plot([s for s, _ in validation], [p for _, p in validation], marker=".", label=name)
         minutes_axis.plot([minutes.get(s, np.nan) for s, _ in validation], [p for _, p in validation],
                           marker=".", label=name)
-        g = load_checkpoint(run_dir / "checkpoints" / "last.pt")["noise_approximator"]
-        if g is not None and "cross" in g:
-            line, = spectrum_axis.plot(band_centres, g["cross"][0].numpy() * width_hu**2, label=f"{name}: G's estimate")
-            spectrum_axis.plot(band_centres, g["power"][0].numpy() * width_hu**2, color=line.get_color(),
-                               linestyle=":", label=f"{name}: residual n_hat")
+        state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        if state["noise_approximator"] is not None and "cross" in state["noise_approximator"]:
+            gain = SpectralNoiseGain(1, state["config"]["method"]["noise2grad"].get("extend_low", True))
+            gain.load_state_dict({key: value[:1] if value.ndim else value
+                                  for key, value in state["noise_approximator"].items()})
+            residual = gain.power[0].numpy() * width_hu**2
+            line, = spectrum_axis.plot(band_centres, gain.weight[0].numpy() ** 2 * residual,
+                                       label=f"{name}: synthetic noise (G)")
+            spectrum_axis.plot(band_centres, residual, color=line.get_color(), linestyle=":",
+                               label=f"{name}: residual n_hat")
         last_noise = float(np.median(noise_hu[-10:]))
         print(f"| {name} | {steps[-1]} | {weights[-1]:.3f} | {last_noise:.1f} | {last_noise / true_std:.2f} | "
               f"{validation[-1][1]:.2f} |")
     noise_axis.axhline(true_std, color="black", linestyle="--", label="true (paired slices, measured after training)")
     noise_axis.set(xlabel="optimiser steps", ylabel="std of synthesised noise n_tilde (HU)")
-    weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale)")
+    weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale; spectral G: mean band gain)")
     steps_axis.set(xlabel="optimiser steps", ylabel="validation PSNR (dB), [-160, 240] HU")
     minutes_axis.set(xlabel="training time (min)", ylabel="validation PSNR (dB), [-160, 240] HU")
     spectrum_axis.set(xlabel="radial frequency (cycles/pixel)", ylabel="noise power per coefficient (HU²)",
