@@ -105,7 +105,8 @@ class ModelConfig:
         base_width: channels of the first U-Net level (official: 32).
         depth: max-pool downsamplings (official: 3).
         g_init_scale: start G at weight = scale·identity; ``None``: the paper's random init for a
-            learned G, the identity for a fitted one (``method.noise2grad.noise_scale``).
+            learned G, the identity for a fitted one (``method.noise2grad.noise_scale``); unused
+            by the spectral G, whose band gains start at 1.
         residual: F outputs ``x + U-Net(x)``, starting as the identity (not the paper's network).
         init_from: start F from the weights of this checkpoint or exported model (e.g. the starter
             model, to fine-tune it on one's own scanner's data); its U-Net must have these settings.
