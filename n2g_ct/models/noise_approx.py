@@ -48,10 +48,14 @@ class SpectralNoiseGain(nn.Module):
     BENCHMARKS.md; for noise whose spectrum does fall (an FBP ramp at the lowest frequencies) it
     overestimates the low-frequency noise, which makes F smooth more there.
 
+    The identity holds for a least-squares F only; a trained F is an approximation, and where it
+    drifts the estimate follows it (BENCHMARKS.md measures this over a 40-minute run).
+
     Buffers (saved in checkpoints): ``cross`` and ``power``, (channels, bands) moving averages of
-    ``Re(N̂·X̄)`` and ``|N̂|²`` per Fourier coefficient, and ``fits``, their count; ``weight`` (property): the gains, (channels, bands). Bands
-    split radial frequency ``|f|`` in [0, √2/2] cycles/pixel evenly; the zero frequency gets gain 0
-    (the synthetic noise has zero mean per crop). Until the first fit every gain is 1.
+    ``Re(N̂·X̄)`` and ``|N̂|²`` per Fourier coefficient, and ``fits``, their count. ``weight``
+    (property): the gains, (channels, bands). Bands split radial frequency ``|f|`` in [0, √2/2]
+    cycles/pixel evenly; the zero frequency gets gain 0 (the synthetic noise has zero mean per
+    crop). Until the first fit every gain is 1.
 
     Shapes:
         input (B, channels, H, W) → output (B, channels, H, W), same units as the input.
