@@ -243,7 +243,7 @@ class _Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, RuntimeError, ValueError) as exc:
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: does not match this run's model or method ({exc})") from None
         self.step = int(state["step"])
         self.best_psnr = float(state["best_psnr"])
