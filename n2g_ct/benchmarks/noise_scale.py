@@ -27,34 +27,49 @@ from n2g_ct.models import SpectralNoiseGain
 from n2g_ct.reports import figure, png
 
 
+def _difference_crops(low_dose: np.ndarray, reference: np.ndarray, crop: int, crops: int, seed: int) -> np.ndarray:
+    """(crops, crop, crop) random crops of ``low_dose − reference`` (float64 HU)."""
+    difference = low_dose.astype(np.float64) - reference
+    rng = np.random.default_rng(seed)
+    z = rng.integers(0, difference.shape[0], crops)
+    y = rng.integers(0, difference.shape[1] - crop + 1, crops)
+    x = rng.integers(0, difference.shape[2] - crop + 1, crops)
+    return np.stack([difference[k, i : i + crop, j : j + crop] for k, i, j in zip(z, y, x, strict=True)])
+
+
 def true_noise_std_hu(low_dose: np.ndarray, reference: np.ndarray, crop: int, crops: int = 256, seed: int = 0) -> float:
     """Std (HU) of ``low_dose − reference`` over ``crops`` random ``crop``² crops, pooled like a batch.
 
     Args:
         low_dose, reference: (z, y, x) HU, aligned.
     """
-    difference = low_dose.astype(np.float64) - reference
-    rng = np.random.default_rng(seed)
-    z = rng.integers(0, difference.shape[0], crops)
-    y = rng.integers(0, difference.shape[1] - crop + 1, crops)
-    x = rng.integers(0, difference.shape[2] - crop + 1, crops)
-    patches = np.stack([difference[k, i : i + crop, j : j + crop] for k, i, j in zip(z, y, x, strict=True)])
-    return float(patches.std())
+    return float(_difference_crops(low_dose, reference, crop, crops, seed).std())
 
 
 def true_noise_spectrum(low_dose: np.ndarray, reference: np.ndarray, crop: int, crops: int = 256,
                         seed: int = 0) -> np.ndarray:
     """Power of ``low_dose − reference`` per `SpectralNoiseGain` band, (bands,), in HU² per Fourier
     coefficient (``|FFT|²/crop²``, the units of the spectral G's ``cross``), over random ``crop``² crops."""
-    difference = low_dose.astype(np.float64) - reference
-    rng = np.random.default_rng(seed)
-    z = rng.integers(0, difference.shape[0], crops)
-    y = rng.integers(0, difference.shape[1] - crop + 1, crops)
-    x = rng.integers(0, difference.shape[2] - crop + 1, crops)
-    patches = torch.from_numpy(np.stack([difference[k, i : i + crop, j : j + crop] for k, i, j in zip(z, y, x, strict=True)]))
-    power = torch.fft.rfft2(patches).abs().square().mean(0) / crop**2
-    bands = SpectralNoiseGain.band_index(crop, crop, torch.device("cpu"))
-    return np.array([float(power[bands == b].mean()) for b in range(SpectralNoiseGain.BANDS)])
+    patches = torch.from_numpy(_difference_crops(low_dose, reference, crop, crops, seed))
+    return band_means(torch.fft.rfft2(patches).abs().square().mean(0) / crop**2)
+
+
+def band_means(per_coefficient: torch.Tensor) -> np.ndarray:
+    """Mean of an (H, W//2+1) ``rfft2``-shaped map over each `SpectralNoiseGain` band, (bands,)."""
+    bands = SpectralNoiseGain.band_index(per_coefficient.shape[0], 2 * (per_coefficient.shape[1] - 1), torch.device("cpu"))
+    return np.array([float(per_coefficient[bands == b].mean()) for b in range(SpectralNoiseGain.BANDS)])
+
+
+def _spectral_gain(run_dir: Path) -> SpectralNoiseGain | None:
+    """The run's spectral G at its last checkpoint, or None for any other G."""
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    buffers = state["noise_approximator"]
+    if buffers is None or "cross" not in buffers:
+        return None
+    gain = SpectralNoiseGain(int(buffers["cross"].shape[0]),
+                             bool(state["config"]["method"]["noise2grad"].get("extend_low", True)))
+    gain.load_state_dict(buffers)
+    return gain
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -90,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     fig = figure(20, 4)
     noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis = fig.subplots(1, 5)
     band_centres = (np.arange(SpectralNoiseGain.BANDS) + 0.5) * np.sqrt(0.5) / SpectralNoiseGain.BANDS
-    spectrum_axis.plot(band_centres, true_noise_spectrum(low_dose, reference, crop), color="black", linestyle="--",
+    true_spectrum = true_noise_spectrum(low_dose, reference, crop)
+    spectrum_axis.plot(band_centres, true_spectrum, color="black", linestyle="--",
                        label="true (paired slices, after training)")
+    spectra: dict[str, dict[str, np.ndarray]] = {}
     print(f"true noise std on slices {args.slices}: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
     print("| run | steps | G weight | synthesised noise std (HU) | ratio to true | last validation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
@@ -107,16 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         steps_axis.plot([s for s, _ in validation], [p for _, p in validation], marker=".", label=name)
         minutes_axis.plot([minutes.get(s, np.nan) for s, _ in validation], [p for _, p in validation],
                           marker=".", label=name)
-        state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        if state["noise_approximator"] is not None and "cross" in state["noise_approximator"]:
-            gain = SpectralNoiseGain(1, state["config"]["method"]["noise2grad"].get("extend_low", True))
-            gain.load_state_dict({key: value[:1] if value.ndim else value
-                                  for key, value in state["noise_approximator"].items()})
-            residual = gain.power[0].numpy() * width_hu**2
-            line, = spectrum_axis.plot(band_centres, gain.weight[0].numpy() ** 2 * residual,
-                                       label=f"{name}: synthetic noise (G)")
+        gain = _spectral_gain(run_dir)
+        if gain is not None:  # channel means, HU² per coefficient
+            residual = gain.power.mean(0).numpy() * width_hu**2
+            synthetic = (gain.weight**2 * gain.power).mean(0).numpy() * width_hu**2
+            estimate = gain.cross.mean(0).numpy() * width_hu**2
+            line, = spectrum_axis.plot(band_centres, synthetic, label=f"{name}: synthetic noise (G)")
             spectrum_axis.plot(band_centres, residual, color=line.get_color(), linestyle=":",
                                label=f"{name}: residual n_hat")
+            spectra[name] = {"residual n_hat": residual, "cross-power estimate": estimate, "synthetic noise": synthetic}
         last_noise = float(np.median(noise_hu[-10:]))
         print(f"| {name} | {steps[-1]} | {weights[-1]:.3f} | {last_noise:.1f} | {last_noise / true_std:.2f} | "
               f"{validation[-1][1]:.2f} |")
@@ -130,6 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     for axis in (noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
+    if spectra:
+        print("\nnoise power per coefficient (HU²) by band (cycles/pixel), spectral G at the end of training:")
+        print("| | " + " | ".join(f"{c:.2f}" for c in band_centres) + " |")
+        print("|---" * (len(band_centres) + 1) + "|")
+        print("| true | " + " | ".join(f"{v:.0f}" for v in true_spectrum) + " |")
+        for name, rows in spectra.items():
+            for label, values in rows.items():
+                print(f"| {name}: {label} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
     args.out.write_bytes(png(fig))
     print(f"figure: {args.out}")
 
