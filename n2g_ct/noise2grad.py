@@ -19,12 +19,11 @@ Two variants (`Noise2GradOptions.variant`):
   noise-to-signal ratio r, so synthetic noise made of the residual alone is too weak exactly where
   image and noise compete, and keeps weakening as F trains on it); at low frequencies, where the
   image swamps that estimate, each band takes the largest estimate above it (``extend_low``);
-  ``L_grad`` is only reported, and F
-  learns from the synthetic pairs. Each change is an option; BENCHMARKS.md measures them alone and
-  together.
+  ``L_grad`` is only reported, and F learns from the synthetic pairs. Each change is an option;
+  BENCHMARKS.md measures them alone and together.
 
-The step only computes losses (and, for a fitted or spectral scale, updates G in place); the caller owns the
-optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
+The step only computes losses (and, for a fitted or spectral scale, updates G in place); the caller
+owns the optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
 """
 
 from __future__ import annotations

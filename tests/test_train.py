@@ -339,3 +339,27 @@ def test_the_frozen_extractor_is_f_at_the_freeze_step_and_survives_a_resume(synt
         assert torch.equal(final["resumed"]["extractor"][key], frozen)
         assert torch.equal(final["straight"]["extractor"][key], frozen)
     assert any(not torch.equal(final["straight"]["denoiser"][k], f_after_step_5[k]) for k in f_after_step_5)
+
+
+def test_noise_left_measures_the_share_of_noise_each_band_keeps():
+    from n2g_ct.benchmarks.noise_left import BAND_EDGES, noise_left_by_band
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 100, (2, 64, 64))
+    noise = rng.normal(0, 30, reference.shape)
+    left, power = noise_left_by_band(reference + noise, reference, reference + 0.5 * noise)
+    assert len(left) == len(BAND_EDGES) - 1
+    np.testing.assert_allclose(left, 0.5, atol=1e-9)  # half the noise left, in every band
+    assert power.sum() == pytest.approx(float(np.mean((0.5 * noise) ** 2)), rel=1e-9)  # Parseval
+    untouched, _ = noise_left_by_band(reference + noise, reference, reference + noise)
+    np.testing.assert_allclose(untouched, 1.0)
+
+
+def test_resuming_without_the_frozen_extractor_it_needs_is_a_clear_error(synthetic, tmp_path):
+    """A checkpoint of a run without ``freeze_extractor`` cannot resume as one with it (no extractor saved)."""
+    train(make_config(synthetic, tmp_path / "run", optim={"steps": 4}), progress=False)
+    frozen = make_config(synthetic, tmp_path / "run", optim={"steps": 8},
+                         method={"noise2grad": {"period": 4, "freeze_extractor": 0.25}})
+    with pytest.raises(InputError, match="does not match this run's model or method"):
+        train(frozen, resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4  # left as it was
