@@ -422,3 +422,30 @@ def test_extending_to_low_frequencies_lifts_each_band_to_the_largest_estimate_ab
     assert (SpectralNoiseGain(1, extend_low=False).weight == 1).all()
     gain.extend_low = False
     assert (gain.weight**2 * 2.0).squeeze().tolist() == pytest.approx([0.0, 0.0] + estimate[2:])
+
+
+def _fit_on_rank(rank: int, world_size: int, init_file: str, batches: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        gain = SpectralNoiseGain(1, extend_low=False)
+        gain.fit_(0.5 * batches[rank], batches[rank], momentum=1.0)
+        torch.save({"cross": gain.cross, "power": gain.power}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_spectral_gain_fits_the_mean_over_processes_under_ddp(tmp_path):
+    batches = torch.randn(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    batches[1] *= 3  # the ranks see batches of different power
+    torch.multiprocessing.spawn(_fit_on_rank, args=(2, str(tmp_path / "init"), batches, str(tmp_path / "fit")),
+                                nprocs=2)
+    alone = [SpectralNoiseGain(1, extend_low=False) for _ in range(2)]
+    for gain, x in zip(alone, batches, strict=True):
+        gain.fit_(0.5 * x, x, momentum=1.0)
+    for rank in range(2):
+        fitted = torch.load(tmp_path / f"fit.{rank}")
+        for name in ("cross", "power"):
+            expected = (getattr(alone[0], name) + getattr(alone[1], name)) / 2
+            torch.testing.assert_close(fitted[name][0, 1:], expected[0, 1:])  # band 0 of 16² crops is empty
