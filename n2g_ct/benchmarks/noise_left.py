@@ -5,7 +5,9 @@
 
 For each model and radial frequency band of whole slices, with ``N`` the Fourier transform of
 (low dose − reference) and ``E`` that of (output − reference): the share of the noise left,
-``Re<E, N> / |N|²`` (1: untouched, 0: removed), and the error power ``|E|²`` per pixel (HU²).
+``Re<E, N> / |N|²`` (1: untouched, 0: removed), and the error power ``|E|²`` per pixel (HU²). The
+first row, the noisy input itself, gives the noise power per band (compare slice ranges with it:
+e.g. the training pool's slices against the test slices).
 A diagnostic for denoisers that lose to supervision: it shows the frequencies where they do.
 """
 
@@ -40,7 +42,8 @@ def noise_left_by_band(low_dose: np.ndarray, reference: np.ndarray, output: np.n
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a trained model (none: only the noise itself, the 'noisy input' row)")
     parser.add_argument("--low-dose", type=Path, required=True)
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--slices", default="::", help="START:STOP:STEP (default: all)")
@@ -53,14 +56,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{low_dose.shape[0]} slices; bands in cycles/pixel: {bands}")
     print("| model | share of noise left per band | error power per band (HU²) |")
     print("|---|---|---|")
+    _print_row("noisy input", *noise_left_by_band(low_dose, reference, low_dose))
     for item in args.model:
         name, _, path = item.partition("=")
         if not name or not path:
             parser.error(f"--model {item}: expected NAME=CHECKPOINT")
         denoiser = denoiser_from_checkpoint(load_checkpoint(Path(path)), device="cpu", source=path)
         output = np.concatenate([denoiser(low_dose[i : i + 1]) for i in range(len(low_dose))])
-        left, power = noise_left_by_band(low_dose, reference, output)
-        print(f"| {name} | {' / '.join(f'{v:.2f}' for v in left)} | {' / '.join(f'{v:.0f}' for v in power)} |")
+        _print_row(name, *noise_left_by_band(low_dose, reference, output))
+
+
+def _print_row(name: str, left: np.ndarray, power: np.ndarray) -> None:
+    print(f"| {name} | {' / '.join(f'{v:.2f}' for v in left)} | {' / '.join(f'{v:.0f}' for v in power)} |")
 
 
 if __name__ == "__main__":
