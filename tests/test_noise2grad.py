@@ -339,6 +339,32 @@ def test_default_variant_trains_the_denoiser_on_synthetic_pairs_only(batch):
     torch.testing.assert_close(result.images["x_s"], (y + noise).clamp(0, 1))
 
 
+class _Grey(torch.nn.Module):
+    """A "denoiser" that outputs mid-grey, 0.5, everywhere."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(image, 0.5)
+
+
+def test_noise_gain_scales_each_samples_synthetic_noise_by_its_own_factor(models):
+    """With ``noise_gain`` r, sample i's synthetic noise is g_i·n_tilde_i, g_i log-uniform in [1/r, r]."""
+    generator = torch.Generator().manual_seed(2)
+    x = 0.5 + 0.02 * torch.randn(64, 1, 16, 16, generator=generator)  # small noise: the clamp stays off
+    y = torch.full_like(x, 0.5)
+    options = faithful(detail_destruction=False, noise_gain=2.0)
+    extractor = _Grey()  # n_hat = x − 0.5, the added noise
+    result = noise2grad_step(*models, x, y, 1, options, torch.Generator().manual_seed(0), extractor=extractor)
+    noise, n_tilde = result.images["x_s"] - y, result.images["n_tilde"]
+    gains = (noise * n_tilde).sum(dim=(1, 2, 3)) / (n_tilde * n_tilde).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(noise, gains.view(-1, 1, 1, 1) * n_tilde)  # one factor per sample
+    assert gains.min() >= 0.5 - 1e-5 and gains.max() <= 2.0 + 1e-5
+    assert gains.min() < 0.7 and gains.max() > 1.4  # spread over the range
+    assert float(gains.log().mean()) == pytest.approx(0.0, abs=0.15)  # log-uniform: centred on 1
+    plain = noise2grad_step(*models, x, y, 1, faithful(detail_destruction=False), torch.Generator().manual_seed(0),
+                            extractor=extractor)
+    torch.testing.assert_close(plain.images["x_s"] - y, n_tilde)  # noise_gain 1: no factor
+
+
 def test_a_frozen_extractor_supplies_the_noise_and_receives_no_gradient(models, batch):
     """With an extractor, ``n_hat = x − extractor(x)``; even the paper's gradient loss then leaves F
     learning from the synthetic pairs alone, and the extractor gets no gradient."""
