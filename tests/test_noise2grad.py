@@ -318,7 +318,7 @@ def test_fitted_scale_recovers_the_amplitude_of_partially_removed_noise():
     assert float(approximator.weight.detach()) == pytest.approx(float(scale))
     fit_noise_scale_(approximator, 0.5 * noise, x, momentum=0.25)  # a moving average towards 2
     assert float(approximator.weight.detach()) == pytest.approx(0.75 * float(scale) + 0.25 * 2.0, rel=0.03)
-    assert float(approximator.bias) == 0.0
+    assert float(approximator.bias.detach()) == 0.0
 
 
 def test_default_variant_trains_the_denoiser_on_synthetic_pairs_only(batch):
