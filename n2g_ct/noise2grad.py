@@ -7,7 +7,7 @@ With ``x`` noisy crops and ``y`` unrelated clean crops (both in [0, 1], (B, C, H
 3. ``L_denoise = MSE(F(x_s), y)`` every step; ``L_grad = MSE(∇n_tilde, ∇x)`` on steps ``t`` with
    ``t mod τ == 0``, ``τ = ⌊t/period⌋ + 1`` (update delay); ``loss = L_denoise + L_grad``.
 
-Two variants (`Noise2GradOptions.variant`):
+Three variants (`Noise2GradOptions.variant`):
 
 - ``faithful``, the paper and its official code: ``D`` multiplies by random ±1 per pixel; G (a 1×1
   conv) is learned by the optimiser from ~0; ``L_grad`` trains F too, through ``n_hat``.
@@ -21,6 +21,12 @@ Two variants (`Noise2GradOptions.variant`):
   image swamps that estimate, each band takes the largest estimate above it (``extend_low``);
   ``L_grad`` is only reported, and F learns from the synthetic pairs. Each change is an option;
   BENCHMARKS.md measures them alone and together.
+- ``robust``: ``default`` plus two choices for CT runs that train long or denoise slices noisier
+  than the noisy pool: from a quarter of the run on, the noise is extracted by a copy of F frozen
+  then (``freeze_extractor``), so the estimate stops following F as F learns to tell synthetic
+  noise from real noise; each sample's synthetic noise is scaled by a random gain in [1/2, 2]
+  (``noise_gain``), so F learns to remove noise of any level in that range. It is not the default
+  because it loses where pool and test noise match and runs are short (BENCHMARKS.md).
 
 The step only computes losses (and, for a fitted or spectral scale, updates G in place); the caller
 owns the optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
@@ -42,8 +48,12 @@ NOISE_SCALES = ("learned", "fitted", "spectral")
 
 
 VARIANTS: dict[str, dict[str, object]] = {
-    "faithful": {"destruction": "sign", "grad_into_denoiser": True, "noise_scale": "learned"},
-    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral"},
+    "faithful": {"destruction": "sign", "grad_into_denoiser": True, "noise_scale": "learned",
+                 "freeze_extractor": 1.0, "noise_gain": 1.0},
+    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral",
+                "freeze_extractor": 1.0, "noise_gain": 1.0},
+    "robust": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral",
+               "freeze_extractor": 0.25, "noise_gain": 2.0},
 }
 """The choices each variant makes for the options left unset (see `Noise2GradOptions`)."""
 
@@ -54,11 +64,11 @@ class Noise2GradOptions:
 
     ``variant`` picks the method: ``faithful`` is the paper's (Lin et al., IJCAI 2021, and its
     official code); ``default`` is this toolkit's, which departs from it where the ablation in
-    BENCHMARKS.md measured a win. Options left unset (``None``) take the variant's value
-    (`VARIANTS`); set ones override it.
+    BENCHMARKS.md measured a win; ``robust`` adds a frozen extractor and a noise gain for long CT
+    runs. Options left unset (``None``) take the variant's value (`VARIANTS`); set ones override it.
 
     Attributes:
-        variant: ``default`` or ``faithful``.
+        variant: ``default``, ``faithful`` or ``robust``.
         period: update-delay period, in optimiser steps (paper: 500); ``τ = ⌊t/period⌋ + 1``.
         period_fraction: instead of ``period``: the period as a fraction of the run's total steps,
             so that the delay schedule scales with the budget as the learning-rate schedule does
@@ -80,18 +90,19 @@ class Noise2GradOptions:
             the same steps so that the synthetic noise's power in each band is the residual's
             cross-power with the input, which estimates the noise power (see its docstring).
         scale_momentum: weight of each new fit in the moving average of ``fitted``, in (0, 1].
-        freeze_extractor: ``φ`` in (0, 1): from step ``⌈φ·total_steps⌉`` on, ``n_hat`` comes from a
+        freeze_extractor: ``φ`` in (0, 1]: from step ``⌈φ·total_steps⌉`` on, ``n_hat`` comes from a
             frozen copy of F taken at that step, so the synthetic noise stops following F. Without it
-            (paper) the loop "F removes less → less noise is extracted → F learns to remove less"
-            can drift: F keeps learning to preserve detail, removes ever less mid-frequency noise,
-            and PSNR falls as training continues. ``None``: F extracts throughout.
+            the loop "F removes less → less noise is extracted → F learns to remove less" can drift:
+            F, trained ever longer on synthetic noise, tells it ever better from the real noise,
+            keeps more of the real noise, and the noise estimate and PSNR fall as training continues.
+            1 (paper, ``default``): F extracts throughout; ``robust``: 0.25.
         extend_low: ``spectral`` scale only: take each band's noise power as at least that of every
             higher band, where the estimate is reliable (see `SpectralNoiseGain`); ``False``
             uses every band's own estimate.
         noise_gain: ``r`` ≥ 1: each sample's synthetic noise is multiplied by a gain drawn
             log-uniformly from [1/r, r], so F learns to remove noise of any level in that range
             (CT noise varies along the body; the slices to denoise may be noisier than the pool).
-            1 (paper): no gain.
+            1 (paper, ``default``): no gain; ``robust``: 2.
     """
 
     variant: str = "default"
@@ -103,7 +114,7 @@ class Noise2GradOptions:
     grad_into_denoiser: bool | None = None
     noise_scale: str | None = None
     scale_momentum: float = 0.1
-    noise_gain: float = 1.0
+    noise_gain: float | None = None
     freeze_extractor: float | None = None
     extend_low: bool = True
 
@@ -126,8 +137,8 @@ class Noise2GradOptions:
             raise ValueError(f"Noise2GradOptions.period_fraction must be in (0, 1], got {self.period_fraction!r}")
         if not 0.0 < self.scale_momentum <= 1.0:
             raise ValueError(f"Noise2GradOptions.scale_momentum must be in (0, 1], got {self.scale_momentum!r}")
-        if self.freeze_extractor is not None and not 0.0 < self.freeze_extractor < 1.0:
-            raise ValueError(f"Noise2GradOptions.freeze_extractor must be in (0, 1), got {self.freeze_extractor!r}")
+        if not 0.0 < self.freeze_extractor <= 1.0:
+            raise ValueError(f"Noise2GradOptions.freeze_extractor must be in (0, 1], got {self.freeze_extractor!r}")
         if not self.noise_gain >= 1.0:
             raise ValueError(f"Noise2GradOptions.noise_gain must be >= 1, got {self.noise_gain!r}")
 
@@ -142,13 +153,18 @@ class Noise2GradOptions:
             return self.period
         return max(1, round(self.period_fraction * total_steps))
 
+    @property
+    def freezes_extractor(self) -> bool:
+        """Whether a frozen copy of F extracts the noise from some step on (``freeze_extractor`` < 1)."""
+        return self.freeze_extractor < 1.0
+
     def freeze_step(self, total_steps: int | None) -> int | None:
         """The step from which the noise extractor is frozen (``None``: never).
 
-        >>> Noise2GradOptions(freeze_extractor=0.25).freeze_step(2000), Noise2GradOptions().freeze_step(2000)
-        (500, None)
+        >>> [Noise2GradOptions(variant=name).freeze_step(2000) for name in ("robust", "default")]
+        [500, None]
         """
-        if self.freeze_extractor is None:
+        if not self.freezes_extractor:
             return None
         if total_steps is None:
             raise ValueError("options.freeze_extractor needs the run's total_steps")
@@ -315,8 +331,8 @@ def noise2grad_step(
         options: ablation switches and the update-delay period.
         generator: source of the detail-destruction masks (unused when detail destruction is off).
         total_steps: the run's length, for ``options.period_fraction`` (ignored without it).
-        extractor: the module whose output gives ``n_hat = x − extractor(x)`` (a frozen copy of F,
-            see ``options.freeze_extractor``); ``None``: F itself.
+        extractor: the module whose output gives ``n_hat = x − extractor(x)``; ``None``: F itself.
+            The caller applies ``options.freeze_extractor`` by passing its frozen copy of F here.
 
     Returns:
         `StepResult`; ``grad_loss`` is ``None`` on steps without the gradient loss. G receives a

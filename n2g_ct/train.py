@@ -82,7 +82,7 @@ class TrainingObjective(nn.Module):
             init_scale = 1.0 if fitted and model.g_init_scale is None else model.g_init_scale
             self.noise_approximator = build_noise_approximator(model.channels, init_scale).requires_grad_(not fitted)
         self.extractor = None
-        if self.method.name == "noise2grad" and self.method.noise2grad.freeze_extractor is not None:
+        if self.method.name == "noise2grad" and self.method.noise2grad.freezes_extractor:
             # The frozen copy of F that extracts the noise once the run passes the freeze step.
             self.extractor = copy.deepcopy(self.denoiser).requires_grad_(False)
 

@@ -130,8 +130,8 @@ class MethodConfig:
 
     Attributes:
         name: ``noise2grad`` (unpaired pools), ``supervised`` or ``noise2noise`` (``data.paired``).
-        noise2grad: options of the Noise2Grad step: ``variant`` (``default`` or the paper's
-            ``faithful``), update-delay period, ablation switches (`Noise2GradOptions`).
+        noise2grad: options of the Noise2Grad step: ``variant`` (``default``, the paper's
+            ``faithful`` or ``robust``), update-delay period, ablation switches (`Noise2GradOptions`).
     """
 
     name: Literal["noise2grad", "supervised", "noise2noise"] = "noise2grad"

@@ -110,13 +110,17 @@ def test_mask_is_reproducible_and_uses_only_its_generator():
 
 def test_faithful_variant_is_the_paper_and_default_is_the_toolkits():
     paper = dict(period=500, detail_destruction=True, update_delay=True, destruction="sign",
-                 grad_into_denoiser=True, noise_scale="learned")
+                 grad_into_denoiser=True, noise_scale="learned", freeze_extractor=1.0, noise_gain=1.0)
     assert all(getattr(FAITHFUL, name) == value for name, value in paper.items())
+    assert not FAITHFUL.freezes_extractor
     default = Noise2GradOptions()
-    assert (default.variant, default.destruction, default.grad_into_denoiser, default.noise_scale) == (
-        "default", "phase", False, "spectral")
+    assert (default.variant, default.destruction, default.grad_into_denoiser, default.noise_scale,
+            default.freeze_extractor, default.noise_gain) == ("default", "phase", False, "spectral", 1.0, 1.0)
+    robust = Noise2GradOptions(variant="robust")
+    assert robust == dataclasses.replace(default, variant="robust", freeze_extractor=0.25, noise_gain=2.0)
+    assert robust.freezes_extractor and Noise2GradOptions(variant="robust", freeze_extractor=1.0).freeze_step(100) is None
     assert Noise2GradOptions(variant="faithful", destruction="phase").destruction == "phase"  # set ones override
-    assert set(VARIANTS) == {"default", "faithful"}
+    assert set(VARIANTS) == {"default", "faithful", "robust"}
 
 
 def test_bad_options_raise():
@@ -386,7 +390,8 @@ def test_freeze_step_is_a_fraction_of_the_run():
     assert [options.freeze_step(total) for total in (10, 2748, 1)] == [3, 825, 1]
     with pytest.raises(ValueError, match="total_steps"):
         options.freeze_step(None)
-    for bad in (0.0, 1.0, -0.5):
+    assert Noise2GradOptions(freeze_extractor=1.0).freeze_step(2748) is None  # 1: F extracts throughout
+    for bad in (0.0, 1.5, -0.5):
         with pytest.raises(ValueError, match="freeze_extractor"):
             Noise2GradOptions(freeze_extractor=bad)
 

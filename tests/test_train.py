@@ -307,8 +307,9 @@ def test_noise_scale_benchmark_compares_synthesised_and_true_noise(synthetic, tm
 
 def test_the_frozen_extractor_is_f_at_the_freeze_step_and_survives_a_resume(synthetic, tmp_path, monkeypatch):
     """``freeze_extractor: 0.5`` of 12 steps: from step 6 the noise comes from F as it was after step 5,
-    and a run interrupted after the freeze resumes with that extractor, identical to a straight run."""
-    sections = {"method": {"noise2grad": {"period": 4, "freeze_extractor": 0.5}}}
+    and a run interrupted after the freeze resumes with that extractor (and the ``robust`` variant's
+    random noise gains), identical to a straight run."""
+    sections = {"method": {"noise2grad": {"variant": "robust", "period": 4, "freeze_extractor": 0.5}}}
     train(make_config(synthetic, tmp_path / "straight", **sections), progress=False)
     interrupted = make_config(synthetic, tmp_path / "resumed", **sections)
     original_step = train_module._train_step
