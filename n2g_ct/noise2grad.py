@@ -39,11 +39,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 from torch import Tensor, nn
 
 from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
 
-DESTRUCTIONS = ("sign", "phase")
+DESTRUCTIONS = ("sign", "phase", "envelope")
+ENVELOPE_SIGMA_PX = 8.0
+"""Gaussian σ, pixels, of the local noise amplitude that ``envelope`` destruction keeps."""
 NOISE_SCALES = ("learned", "fitted", "spectral")
 
 
@@ -79,7 +83,10 @@ class Noise2GradOptions:
             N2G_U ablation (``τ ≡ 1``, every step).
         destruction: how detail destruction scrambles the noise: ``sign`` (paper) flips the sign of
             each pixel, which whitens spatially correlated noise; ``phase`` randomises the Fourier
-            phases of each crop, which destroys image structure but keeps the noise power spectrum.
+            phases of each crop, which destroys image structure but keeps the noise power spectrum
+            (and spreads the noise evenly over the crop); ``envelope`` randomises the phases of the
+            noise divided by its local amplitude and multiplies the amplitude back, which also keeps
+            where the noise is strong or weak (`envelope_scramble`).
         grad_into_denoiser: the gradient loss also trains F through ``n_hat`` (paper). ``False``:
             it sets the noise scale only, and F learns from the synthetic pairs alone.
         noise_scale: ``learned`` (paper): G is trained by the optimiser on the gradient loss.
@@ -260,12 +267,58 @@ def phase_scramble(noise: Tensor, generator: torch.Generator) -> Tensor:
     return scrambled.to(noise.dtype)
 
 
+def local_amplitude(noise: Tensor, sigma_px: float = ENVELOPE_SIGMA_PX) -> Tensor:
+    """Local RMS of ``noise``: the square root of its square blurred by a Gaussian of ``sigma_px`` pixels.
+
+    Args:
+        noise: (B, C, H, W).
+        sigma_px: Gaussian σ, pixels (borders replicate).
+
+    Returns:
+        (B, C, H, W) float32, > 0 (at least 1/30 of each crop's RMS, so that dividing by it is safe).
+    """
+    kernel = gaussian_1d(torch.tensor(float(sigma_px)), truncated=4.0)
+    power = separable_filtering(noise.float().square(), kernel, mode="replicate")
+    floor = 1e-3 * power.mean(dim=(-2, -1), keepdim=True) + torch.finfo(torch.float32).tiny
+    return torch.maximum(power, floor).sqrt()
+
+
+def envelope_scramble(noise: Tensor, generator: torch.Generator) -> Tensor:
+    """Phase-scramble the noise divided by its local amplitude, then multiply the amplitude back.
+
+    CT noise is not stationary: within a 128² crop its local std varies about threefold (streaks
+    from bone, more noise behind dense anatomy). `phase_scramble` alone keeps the crop's noise power
+    spectrum but spreads the noise evenly over the crop; this keeps the spectrum of the normalised
+    noise and the local amplitude (`local_amplitude`, a smooth map), while image structure is
+    scrambled as by `phase_scramble`. On stationary noise it is `phase_scramble` up to the small
+    fluctuations of the estimated amplitude.
+
+    Args:
+        noise: (B, C, H, W).
+        generator: seeded ``torch.Generator`` (see `phase_scramble`).
+
+    Returns:
+        (B, C, H, W), same dtype and device.
+
+    >>> noise = torch.randn(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    >>> noise[..., :64] *= 4  # the left half is 4 times noisier
+    >>> generator = torch.Generator().manual_seed(1)
+    >>> [round(float(out[..., :48].std() / out[..., 80:].std()))
+    ...  for out in (envelope_scramble(noise, generator), phase_scramble(noise, generator))]
+    [4, 1]
+    """
+    amplitude = local_amplitude(noise)
+    return (amplitude * phase_scramble(noise.float() / amplitude, generator)).to(noise.dtype)
+
+
 def destroy_details(noise: Tensor, options: Noise2GradOptions, generator: torch.Generator) -> Tensor:
     """Detail destruction of the extracted noise, (B, C, H, W) → same, as ``options`` selects."""
     if not options.detail_destruction:
         return noise
     if options.destruction == "phase":
         return phase_scramble(noise, generator)
+    if options.destruction == "envelope":
+        return envelope_scramble(noise, generator)
     return noise * detail_destruction_mask(noise.shape, generator).to(noise)
 
 

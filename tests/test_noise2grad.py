@@ -14,6 +14,7 @@ from n2g_ct.noise2grad import (
     VARIANTS,
     Noise2GradOptions,
     detail_destruction_mask,
+    envelope_scramble,
     fit_noise_scale_,
     noise2grad_step,
     phase_scramble,
@@ -132,7 +133,7 @@ def test_bad_options_raise():
         Noise2GradOptions(detail_destruction="yes")
     with pytest.raises(ValueError, match="variant must be one of faithful, default"):
         Noise2GradOptions(variant="paper")
-    with pytest.raises(ValueError, match="destruction must be one of sign, phase"):
+    with pytest.raises(ValueError, match="destruction must be one of sign, phase, envelope"):
         Noise2GradOptions(destruction="blocks")
     with pytest.raises(ValueError, match="scale_momentum"):
         Noise2GradOptions(scale_momentum=0.0)
@@ -307,6 +308,25 @@ def test_an_edge_becomes_texture_under_phase_scrambling():
     scrambled = phase_scramble(edge - edge.mean(), torch.Generator().manual_seed(0))
     column_means = scrambled[0, 0].mean(dim=0)
     assert column_means[16:].mean() - column_means[:16].mean() < 0.25  # no step left at the edge
+
+
+def test_envelope_scramble_keeps_where_correlated_noise_is_strong_and_destroys_structure():
+    """Noise 3 times stronger on the left: ``envelope`` keeps that and the correlation; ``phase`` spreads it."""
+    noise = _correlated((4, 1, 128, 128), seed=5)
+    noise[..., :64] *= 3
+    left, right = (..., slice(0, 48)), (..., slice(80, 128))
+    scrambled = envelope_scramble(noise, torch.Generator().manual_seed(1))
+    spread = phase_scramble(noise, torch.Generator().manual_seed(1))
+    assert float(scrambled[left].std() / scrambled[right].std()) == pytest.approx(3.0, rel=0.15)
+    assert float(spread[left].std() / spread[right].std()) == pytest.approx(1.0, rel=0.15)
+    assert float(scrambled.std() / noise.std()) == pytest.approx(1.0, rel=0.1)
+    assert abs(_neighbour_correlation(scrambled) - _neighbour_correlation(noise)) < 0.05
+    assert abs(float(torch.corrcoef(torch.stack([scrambled.flatten(), noise.flatten()]))[0, 1])) < 0.1
+    edge = torch.zeros(1, 1, 64, 64)
+    edge[..., 32:] = 1.0
+    column_means = envelope_scramble(edge - edge.mean(), torch.Generator().manual_seed(0))[0, 0].mean(dim=0)
+    assert column_means[32:].mean() - column_means[:32].mean() < 0.25  # no step left at the edge
+    assert envelope_scramble(noise.double(), torch.Generator().manual_seed(1)).dtype == torch.float64
 
 
 def test_fitted_scale_recovers_the_amplitude_of_partially_removed_noise():
