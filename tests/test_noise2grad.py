@@ -135,6 +135,8 @@ def test_bad_options_raise():
         Noise2GradOptions(variant="paper")
     with pytest.raises(ValueError, match="destruction must be one of sign, phase, envelope"):
         Noise2GradOptions(destruction="blocks")
+    with pytest.raises(ValueError, match="noise_reuse"):
+        Noise2GradOptions(noise_reuse=0)
     with pytest.raises(ValueError, match="scale_momentum"):
         Noise2GradOptions(scale_momentum=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -387,6 +389,39 @@ def test_noise_gain_scales_each_samples_synthetic_noise_by_its_own_factor(models
     plain = noise2grad_step(*models, x, y, 1, faithful(detail_destruction=False), torch.Generator().manual_seed(0),
                             extractor=extractor)
     torch.testing.assert_close(plain.images["x_s"] - y, n_tilde)  # noise_gain 1: no factor
+
+
+class _CountingGrey(_Grey):
+    """`_Grey` that records how many crops it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crops = 0
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.crops += len(image)
+        return super().forward(image)
+
+
+@pytest.mark.parametrize("batch_size, reuse, extracted", [(4, 2, 2), (5, 2, 3), (4, 4, 1), (3, 1, 3)])
+def test_noise_reuse_extracts_from_fewer_crops_and_feeds_each_noise_to_several_pairs(models, batch_size, reuse, extracted):
+    """With ``noise_reuse`` k, F extracts the noise of the first ⌈B/k⌉ crops only, and synthetic
+    pair i carries the noise of crop ⌊i/k⌋ (without detail destruction: exactly that noise)."""
+    generator = torch.Generator().manual_seed(3)
+    x = 0.5 + 0.02 * torch.randn(batch_size, 1, 16, 16, generator=generator)
+    y = torch.full_like(x, 0.5)
+    extractor = _CountingGrey()
+    options = faithful(detail_destruction=False, noise_reuse=reuse)
+    result = noise2grad_step(*models, x, y, 2, options, torch.Generator().manual_seed(0), extractor=extractor)
+    assert extractor.crops == extracted and len(result.images["n_hat"]) == extracted
+    torch.testing.assert_close(result.images["n_hat"], x[:extracted] - 0.5)
+    owner = torch.arange(batch_size) // reuse
+    torch.testing.assert_close(result.images["x_s"] - y, result.images["n_tilde"][owner])
+    # With detail destruction every pair gets its own scrambling of the shared noise.
+    scrambled = noise2grad_step(*models, x, y, 2, faithful(noise_reuse=reuse), torch.Generator().manual_seed(0),
+                                extractor=extractor).images["x_s"] - y
+    if reuse > 1:
+        assert not torch.allclose(scrambled[0], scrambled[1])
 
 
 def test_a_frozen_extractor_supplies_the_noise_and_receives_no_gradient(models, batch):
