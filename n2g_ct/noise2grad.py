@@ -45,7 +45,9 @@ from torch import Tensor, nn
 
 from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
 
-DESTRUCTIONS = ("sign", "phase", "envelope")
+DESTRUCTIONS = ("sign", "phase", "envelope", "split")
+SPLIT_CUTOFF = 0.125
+"""Radial frequency, cycles/pixel, below which ``split`` destruction randomises phases."""
 ENVELOPE_SIGMA_PX = 8.0
 """Gaussian σ, pixels, of the local noise amplitude that ``envelope`` destruction keeps."""
 NOISE_SCALES = ("learned", "fitted", "spectral")
@@ -86,7 +88,9 @@ class Noise2GradOptions:
             phases of each crop, which destroys image structure but keeps the noise power spectrum
             (and spreads the noise evenly over the crop); ``envelope`` randomises the phases of the
             noise divided by its local amplitude and multiplies the amplitude back, which also keeps
-            where the noise is strong or weak (`envelope_scramble`).
+            where the noise is strong or weak (`envelope_scramble`); ``split`` randomises the phases
+            below ``SPLIT_CUTOFF`` only (where the residual carries image structure) and keeps the
+            rest as it is, up to a random flip of each axis and sign (`split_scramble`).
         grad_into_denoiser: the gradient loss also trains F through ``n_hat`` (paper). ``False``:
             it sets the noise scale only, and F learns from the synthetic pairs alone.
         noise_scale: ``learned`` (paper): G is trained by the optimiser on the gradient loss.
@@ -318,6 +322,34 @@ def envelope_scramble(noise: Tensor, generator: torch.Generator) -> Tensor:
     return (amplitude * phase_scramble(noise.float() / amplitude, generator)).to(noise.dtype)
 
 
+def split_scramble(noise: Tensor, generator: torch.Generator, cutoff: float = SPLIT_CUTOFF) -> Tensor:
+    """Phase-scramble the noise below ``cutoff`` cycles/pixel; flip the rest, whole, at random.
+
+    The residual's low frequencies carry what F changed in the image (contrast, organ outlines);
+    its high frequencies are mostly noise, with its real texture: streaks, their direction, where
+    the noise is strong. Each sample's high-frequency part is kept as it is up to a random flip of
+    each axis and a random sign.
+
+    Args:
+        noise: (B, C, H, W).
+        generator: seeded ``torch.Generator``.
+
+    Returns:
+        (B, C, H, W), same dtype and device.
+    """
+    height, width = noise.shape[-2:]
+    radius = torch.sqrt(torch.fft.fftfreq(height, device=noise.device)[:, None] ** 2
+                        + torch.fft.rfftfreq(width, device=noise.device)[None, :] ** 2)
+    low = torch.fft.irfft2(torch.fft.rfft2(noise.float()) * (radius < cutoff), s=(height, width))
+    high = noise.float() - low
+    draws = torch.randint(0, 8, (len(noise), 1, 1, 1), generator=generator, device=generator.device)
+    flip_width, flip_height, keep_sign = ((draws.to(noise.device) >> bit) & 1 == 1 for bit in range(3))
+    high = torch.where(flip_width, high.flip(-1), high)
+    high = torch.where(flip_height, high.flip(-2), high)
+    high = torch.where(keep_sign, high, -high)
+    return (phase_scramble(low, generator) + high).to(noise.dtype)
+
+
 def destroy_details(noise: Tensor, options: Noise2GradOptions, generator: torch.Generator) -> Tensor:
     """Detail destruction of the extracted noise, (B, C, H, W) → same, as ``options`` selects."""
     if not options.detail_destruction:
@@ -326,6 +358,8 @@ def destroy_details(noise: Tensor, options: Noise2GradOptions, generator: torch.
         return phase_scramble(noise, generator)
     if options.destruction == "envelope":
         return envelope_scramble(noise, generator)
+    if options.destruction == "split":
+        return split_scramble(noise, generator)
     return noise * detail_destruction_mask(noise.shape, generator).to(noise)
 
 

@@ -17,8 +17,9 @@ from n2g_ct.noise2grad import (
     envelope_scramble,
     fit_noise_scale_,
     noise2grad_step,
-    phase_scramble,
     noise2noise_step,
+    phase_scramble,
+    split_scramble,
     supervised_step,
     update_delay,
     uses_gradient_loss,
@@ -133,7 +134,7 @@ def test_bad_options_raise():
         Noise2GradOptions(detail_destruction="yes")
     with pytest.raises(ValueError, match="variant must be one of faithful, default"):
         Noise2GradOptions(variant="paper")
-    with pytest.raises(ValueError, match="destruction must be one of sign, phase, envelope"):
+    with pytest.raises(ValueError, match="destruction must be one of sign, phase, envelope, split"):
         Noise2GradOptions(destruction="blocks")
     with pytest.raises(ValueError, match="noise_reuse"):
         Noise2GradOptions(noise_reuse=0)
@@ -329,6 +330,24 @@ def test_envelope_scramble_keeps_where_correlated_noise_is_strong_and_destroys_s
     column_means = envelope_scramble(edge - edge.mean(), torch.Generator().manual_seed(0))[0, 0].mean(dim=0)
     assert column_means[32:].mean() - column_means[:32].mean() < 0.25  # no step left at the edge
     assert envelope_scramble(noise.double(), torch.Generator().manual_seed(1)).dtype == torch.float64
+
+
+def test_split_scramble_keeps_fine_noise_where_it_is_strong_up_to_a_flip_and_scrambles_coarse_structure():
+    """Fine noise 3 times stronger on one side stays so (on either side); coarse structure is scrambled."""
+    noise = torch.randn(8, 1, 64, 64, generator=torch.Generator().manual_seed(6))
+    noise[..., :32] *= 3
+    scrambled = split_scramble(noise, torch.Generator().manual_seed(1))
+    left_over_right = scrambled[..., 4:28].std(dim=(1, 2, 3)) / scrambled[..., 36:60].std(dim=(1, 2, 3))
+    assert bool(((left_over_right > 2.2) | (left_over_right < 1 / 2.2)).all())
+    assert bool((left_over_right > 1).any()) and bool((left_over_right < 1).any())  # flipped at random
+    spread = phase_scramble(noise, torch.Generator().manual_seed(1))
+    assert float(spread[..., 4:28].std() / spread[..., 36:60].std()) == pytest.approx(1.0, rel=0.15)
+    torch.testing.assert_close(scrambled.std(dim=(1, 2, 3)), noise.std(dim=(1, 2, 3)), rtol=1e-3, atol=0)
+    edge = torch.zeros(1, 1, 64, 64)
+    edge[..., 32:] = 1.0
+    column_means = split_scramble(edge - edge.mean(), torch.Generator().manual_seed(0))[0, 0].mean(dim=0)
+    assert column_means[32:].mean() - column_means[:32].mean() < 0.25  # no step left at the edge
+    assert split_scramble(noise.double(), torch.Generator().manual_seed(1)).dtype == torch.float64
 
 
 def test_fitted_scale_recovers_the_amplitude_of_partially_removed_noise():
