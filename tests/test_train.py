@@ -364,3 +364,21 @@ def test_resuming_without_the_frozen_extractor_it_needs_is_a_clear_error(synthet
     with pytest.raises(InputError, match="does not match this run's model or method"):
         train(frozen, resume=True, progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4  # left as it was
+
+
+def test_step_time_benchmark_times_each_variant_against_the_first(synthetic, tmp_path, monkeypatch, capsys):
+    from n2g_ct.benchmarks.step_time import main as step_time_main
+
+    config = write_yaml(make_config(synthetic, tmp_path / "run"), tmp_path / "config.yaml")
+    monkeypatch.setattr(sys, "argv", ["step_time", str(config), "--variant", "",
+                                      "--variant", "method.noise2grad.noise_reuse=2;optim.batch_size=4",
+                                      "--steps", "3", "--warmup", "1"])
+    step_time_main()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("as configured: median ") and lines[0].endswith("12 steps in the time of 12 of the first")
+    assert lines[1].startswith("method.noise2grad.noise_reuse=2;optim.batch_size=4: median ")
+    assert not (tmp_path / "run").exists()  # timing writes no run directory
+    monkeypatch.setattr(sys, "argv", ["step_time", str(config), "--variant", "method.noise2grad.noise_reuse=0"])
+    with pytest.raises(ConfigError, match="noise_reuse"):
+        step_time_main()
