@@ -24,9 +24,10 @@ Three variants (`Noise2GradOptions.variant`):
 - ``robust``: ``default`` plus two choices for CT runs that train long or denoise slices noisier
   than the noisy pool: from a quarter of the run on, the noise is extracted by a copy of F frozen
   then (``freeze_extractor``), so the estimate stops following F as F learns to tell synthetic
-  noise from real noise; each sample's synthetic noise is scaled by a random gain in [1/2, 2]
-  (``noise_gain``), so F learns to remove noise of any level in that range. It is not the default
-  because it loses where pool and test noise match and runs are short (BENCHMARKS.md).
+  noise from real noise; each sample's synthetic noise is scaled by a random gain in [1/3, 3]
+  (``noise_gain``), so F learns to remove noise of any level in that range (on average twice the
+  pool's noise power). It is not the default because it loses where pool and test noise match and
+  runs are short (BENCHMARKS.md).
 
 The step only computes losses (and, for a fitted or spectral scale, updates G in place); the caller
 owns the optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
@@ -59,7 +60,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral",
                 "freeze_extractor": 1.0, "noise_gain": 1.0},
     "robust": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral",
-               "freeze_extractor": 0.25, "noise_gain": 2.0},
+               "freeze_extractor": 0.25, "noise_gain": 3.0},
 }
 """The choices each variant makes for the options left unset (see `Noise2GradOptions`)."""
 
@@ -113,7 +114,8 @@ class Noise2GradOptions:
         noise_gain: ``r`` ≥ 1: each sample's synthetic noise is multiplied by a gain drawn
             log-uniformly from [1/r, r], so F learns to remove noise of any level in that range
             (CT noise varies along the body; the slices to denoise may be noisier than the pool).
-            1 (paper, ``default``): no gain; ``robust``: 2.
+            The mean noise power grows by ``E[g²] = (r² − r⁻²) / (4 ln r)``: 1.35 at 2, 2.02 at 3.
+            1 (paper, ``default``): no gain; ``robust``: 3.
         noise_reuse: ``k`` ≥ 1: the noise is extracted from only the first ``⌈B/k⌉`` noisy crops of
             a batch of B, and each extracted noise feeds ``k`` synthetic pairs (each with its own
             detail destruction and gain). The extraction forward of F costs about a quarter of a

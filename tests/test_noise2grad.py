@@ -19,6 +19,7 @@ from n2g_ct.noise2grad import (
     noise2grad_step,
     noise2noise_step,
     phase_scramble,
+    random_noise_gain,
     split_scramble,
     supervised_step,
     update_delay,
@@ -119,7 +120,7 @@ def test_faithful_variant_is_the_paper_and_default_is_the_toolkits():
     assert (default.variant, default.destruction, default.grad_into_denoiser, default.noise_scale,
             default.freeze_extractor, default.noise_gain) == ("default", "phase", False, "spectral", 1.0, 1.0)
     robust = Noise2GradOptions(variant="robust")
-    assert robust == dataclasses.replace(default, variant="robust", freeze_extractor=0.25, noise_gain=2.0)
+    assert robust == dataclasses.replace(default, variant="robust", freeze_extractor=0.25, noise_gain=3.0)
     assert robust.freezes_extractor and Noise2GradOptions(variant="robust", freeze_extractor=1.0).freeze_step(100) is None
     assert Noise2GradOptions(variant="faithful", destruction="phase").destruction == "phase"  # set ones override
     assert set(VARIANTS) == {"default", "faithful", "robust"}
@@ -389,6 +390,14 @@ class _Grey(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.full_like(image, 0.5)
+
+
+@pytest.mark.parametrize("max_gain", [2.0, 3.0])
+def test_noise_gain_raises_the_mean_noise_power_by_the_log_uniform_second_moment(max_gain):
+    """E[g²] = (r² − r⁻²) / (4 ln r): ``robust``'s gain 3 trains on twice the pool's noise power on average."""
+    gains = random_noise_gain(200_000, max_gain, torch.Generator().manual_seed(0))
+    expected = (max_gain**2 - max_gain**-2) / (4 * math.log(max_gain))
+    assert float((gains**2).mean()) == pytest.approx(expected, rel=0.01)
 
 
 def test_noise_gain_scales_each_samples_synthetic_noise_by_its_own_factor(models):
