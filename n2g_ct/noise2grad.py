@@ -45,6 +45,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from torch import Tensor, nn
 
 from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
+from n2g_ct.models.noise_approx import rfft2_radial_frequency
 
 DESTRUCTIONS = ("sign", "phase", "envelope", "split")
 SPLIT_CUTOFF = 0.125
@@ -340,9 +341,8 @@ def split_scramble(noise: Tensor, generator: torch.Generator, cutoff: float = SP
         (B, C, H, W), same dtype and device.
     """
     height, width = noise.shape[-2:]
-    radius = torch.sqrt(torch.fft.fftfreq(height, device=noise.device)[:, None] ** 2
-                        + torch.fft.rfftfreq(width, device=noise.device)[None, :] ** 2)
-    low = torch.fft.irfft2(torch.fft.rfft2(noise.float()) * (radius < cutoff), s=(height, width))
+    coarse = rfft2_radial_frequency(height, width, noise.device) < cutoff
+    low = torch.fft.irfft2(torch.fft.rfft2(noise.float()) * coarse, s=(height, width))
     high = noise.float() - low
     draws = torch.randint(0, 8, (len(noise), 1, 1, 1), generator=generator, device=generator.device)
     flip_width, flip_height, keep_sign = ((draws.to(noise.device) >> bit) & 1 == 1 for bit in range(3))

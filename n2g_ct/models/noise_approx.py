@@ -26,6 +26,13 @@ class NoiseApproximator(nn.Conv2d):
         super().__init__(channels, channels, kernel_size=1, bias=True)
 
 
+def rfft2_radial_frequency(height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """(H, W//2+1) radial frequency, cycles/pixel, of each ``torch.fft.rfft2`` coefficient of an (H, W) image."""
+    fy = torch.fft.fftfreq(height, device=device)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device)[None, :]
+    return torch.sqrt(fy**2 + fx**2)
+
+
 class SpectralNoiseGain(nn.Module):
     """G as a gain per radial frequency band, fitted so the synthetic noise has the input's noise power.
 
@@ -84,9 +91,7 @@ class SpectralNoiseGain(nn.Module):
     @staticmethod
     def band_index(height: int, width: int, device: torch.device) -> Tensor:
         """(H, W//2+1) band of each ``rfft2`` coefficient; −1 at the zero frequency."""
-        fy = torch.fft.fftfreq(height, device=device)[:, None]
-        fx = torch.fft.rfftfreq(width, device=device)[None, :]
-        radius = torch.sqrt(fy**2 + fx**2) / (math.sqrt(0.5) + 1e-6)
+        radius = rfft2_radial_frequency(height, width, device) / (math.sqrt(0.5) + 1e-6)
         bands = (radius * SpectralNoiseGain.BANDS).long().clamp_max(SpectralNoiseGain.BANDS - 1)
         bands[0, 0] = -1
         return bands
