@@ -3,7 +3,9 @@
 For every evaluated slice and method: PSNR and SSIM in both windows of DESIGN §5
 (:mod:`n2g_ct.metrics`), and the CT measures of :mod:`n2g_ct.ct_quality` in uniform soft-tissue
 ROIs found on the *reference* slice: noise std of the output, mean-HU bias (output − reference),
-and the NPS of (output − reference), pooled over all slices per method. Padding (the ``valid``
+and the NPS of (output − reference), pooled over all slices per method. Do no harm: the RMSE and
+mean of (output − reference) in bone (reference above 300 HU) and at edges (steep reference
+gradients), which a denoiser that blurs or shifts anatomy raises above the noisy input's. Padding (the ``valid``
 mask of :class:`~n2g_ct.data.PairedSliceDataset`) is kept out of every statistic.
 
 Methods, in this order: ``noisy`` (the low-dose input itself), one per ``--model NAME=CHECKPOINT``
@@ -45,11 +47,17 @@ from n2g_ct.baselines import (
 from n2g_ct.cache import VolumeCache
 from n2g_ct.checkpoint import file_sha256, load_checkpoint
 from n2g_ct.ct_quality import (
+    BONE_THRESHOLD_HU,
     DEFAULT_KEEP_FRACTION,
     DEFAULT_ROI_SIZE_PX,
+    EDGE_GRADIENT_HU_PER_MM,
+    EDGE_SMOOTHING_MM,
     SOFT_TISSUE_HU,
+    bone_mask,
     check_roi_settings,
+    edge_mask,
     find_uniform_rois,
+    masked_error,
     noise_power_spectrum,
     nps_mean_frequency,
     radial_nps,
@@ -83,8 +91,13 @@ SLICE_METRICS = (
     *(f"{kind}_{w.name}" for kind in ("psnr", "ssim") for w in WINDOWS),
     "roi_noise_std_hu",
     "roi_hu_bias_hu",
+    "bone_rmse_hu",
+    "bone_bias_hu",
+    "edge_rmse_hu",
+    "edge_bias_hu",
 )
-PER_SLICE_FIELDS = ("method", "pair", "series", "slice", *SLICE_METRICS, "roi_count", "reference_roi_noise_std_hu")
+PER_SLICE_FIELDS = ("method", "pair", "series", "slice", *SLICE_METRICS, "roi_count", "reference_roi_noise_std_hu",
+                    "bone_voxels", "edge_voxels")
 """Columns of ``per_slice.csv``: one row per evaluated slice and method."""
 
 
@@ -277,6 +290,7 @@ def _image_metrics(output: np.ndarray, reference: torch.Tensor, valid: torch.Ten
 def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, series: str,
                     acc: _Accumulator, keep_example: bool) -> None:
     corners = roi.find(s.reference, s.valid)
+    bone, edges = bone_mask(s.reference, s.valid), edge_mask(s.reference, s.spacing_mm, s.valid)
     reference_noise = roi_noise_std(s.reference, corners, roi.size_px)
     acc.reference_noise.append(reference_noise)
     acc.nps.setdefault(REFERENCE, _NPSPool()).add(roi_patches(s.reference, corners, roi.size_px), s.spacing_mm)
@@ -288,7 +302,8 @@ def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, ser
         output = method.apply(s)
         method.seconds += time.perf_counter() - start
         row: dict[str, Any] = {"method": method.name, "pair": s.pair, "series": series, "slice": s.index,
-                               "roi_count": len(corners), "reference_roi_noise_std_hu": reference_noise}
+                               "roi_count": len(corners), "reference_roi_noise_std_hu": reference_noise,
+                               "bone_voxels": int(bone.sum()), "edge_voxels": int(edges.sum())}
         if output is None:
             method.missed += 1
             row.update(dict.fromkeys(SLICE_METRICS, float("nan")))
@@ -297,6 +312,8 @@ def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, ser
             row.update(_image_metrics(output, reference_t, valid_t))
             row["roi_noise_std_hu"] = roi_noise_std(output, corners, roi.size_px)
             row["roi_hu_bias_hu"] = roi_hu_bias(output, s.reference, corners, roi.size_px)
+            row["bone_rmse_hu"], row["bone_bias_hu"] = masked_error(output, s.reference, bone)
+            row["edge_rmse_hu"], row["edge_bias_hu"] = masked_error(output, s.reference, edges)
             difference = np.asarray(output, np.float64) - s.reference
             acc.nps.setdefault(method.name, _NPSPool()).add(roi_patches(difference, corners, roi.size_px), s.spacing_mm)
         acc.rows.append(row)
@@ -337,6 +354,11 @@ def _protocol(roi: RoiSettings, device: str, bm3d: bool) -> dict[str, Any]:
                          "noise) are kept."},
         "noise_std": "pooled sample std of the output inside the ROIs, sqrt(mean of per-ROI variances), HU",
         "hu_bias": "mean of (output − reference) over the ROI pixels, HU",
+        "bone": f"RMSE and mean of (output − reference) over the voxels where the reference is above "
+                f"{BONE_THRESHOLD_HU:g} HU, per slice, HU",
+        "edges": f"RMSE and mean of (output − reference) over the voxels where the reference, smoothed by a "
+                 f"Gaussian of σ {EDGE_SMOOTHING_MM:g} mm, has a gradient of at least "
+                 f"{EDGE_GRADIENT_HU_PER_MM:g} HU/mm, per slice, HU",
         "nps": "ROIs of (output − reference), each minus its least-squares plane; "
                "NPS = Δy·Δx/(Ny·Nx)·⟨|DFT|²⟩ in HU²·mm², radially averaged, frequency in cycles/mm "
                "from the pixel spacing; pooled over all slices weighted by ROI count",

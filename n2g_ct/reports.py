@@ -34,13 +34,21 @@ DIFFERENCE_RANGE_HU = 100.0
 """Difference maps (output − reference) are shown on [-100, 100] HU."""
 FIGURES_DIR = "figures"
 
-SUMMARY_COLUMNS: tuple[tuple[str, str, int], ...] = (
+QUALITY_COLUMNS: tuple[tuple[str, str, int], ...] = (
     *(column for w in WINDOWS for column in ((f"psnr_{w.name}", f"PSNR {w.name} [dB]", 2),
                                              (f"ssim_{w.name}", f"SSIM {w.name}", 4))),
     ("roi_noise_std_hu", "ROI noise std [HU]", 1),
-    ("roi_hu_bias_hu", "ROI HU bias [HU]", 2),
 )
-"""(metric key, column header, decimals) of the summary tables."""
+"""(metric key, column header, decimals) of the image-quality table."""
+HARM_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("roi_hu_bias_hu", "ROI HU bias [HU]", 2),
+    ("bone_rmse_hu", "bone RMSE [HU]", 1),
+    ("bone_bias_hu", "bone bias [HU]", 2),
+    ("edge_rmse_hu", "edge RMSE [HU]", 1),
+    ("edge_bias_hu", "edge bias [HU]", 2),
+)
+"""(metric key, column header, decimals) of the do-no-harm table: errors against the reference where
+a denoiser that shifts CT numbers or blurs anatomy does harm (soft tissue, bone, edges)."""
 
 
 @dataclass(frozen=True)
@@ -96,26 +104,40 @@ def _mean_std(stats: Mapping[str, Any] | None, decimals: int) -> str:
     return f"{stats['mean']:.{decimals}f}{spread}"
 
 
+def _method_results(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [(m["name"], summary["results"].get(m["name"], {})) for m in summary["methods"]]
+
+
 def summary_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of mean ± std per method, and the NPS mean frequency; the reference row
-    holds its own ROI noise and NPS."""
-    header = ["method", *(title for _, title, _ in SUMMARY_COLUMNS), "NPS mean freq [1/mm]"]
+    """(header, rows) of the image-quality table: mean ± std per method, and the NPS mean frequency;
+    the reference row holds its own ROI noise and NPS."""
+    header = ["method", *(title for _, title, _ in QUALITY_COLUMNS), "NPS mean freq [1/mm]"]
     rows = []
-    for name, results in [*((m["name"], summary["results"].get(m["name"], {})) for m in summary["methods"]),
-                          (REFERENCE, summary["reference"])]:
+    for name, results in [*_method_results(summary), (REFERENCE, summary["reference"])]:
         frequency = summary["nps"].get(name, {}).get("mean_frequency_per_mm")
-        rows.append([name, *(_mean_std(results.get(key), d) for key, _, d in SUMMARY_COLUMNS),
+        rows.append([name, *(_mean_std(results.get(key), d) for key, _, d in QUALITY_COLUMNS),
                      _mean_std({"mean": frequency}, 3)])
     return header, rows
 
 
-def render_text(summary: Mapping[str, Any]) -> str:
-    """The summary table as fixed-width text (for the terminal)."""
-    header, rows = summary_table(summary)
-    cells = [header, *rows]
+def harm_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the do-no-harm table: mean ± std over slices per method (:data:`HARM_COLUMNS`)."""
+    header = ["method", *(title for _, title, _ in HARM_COLUMNS)]
+    rows = [[name, *(_mean_std(results.get(key), d) for key, _, d in HARM_COLUMNS)]
+            for name, results in _method_results(summary)]
+    return header, rows
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cells = [list(header), *rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in cells)
+
+
+def render_text(summary: Mapping[str, Any]) -> str:
+    """The image-quality and do-no-harm tables as fixed-width text (for the terminal)."""
+    return f"{_text_table(*summary_table(summary))}\n\n{_text_table(*harm_table(summary))}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,6 +270,7 @@ def _protocol_lines(summary: Mapping[str, Any]) -> list[str]:
          f"{ssim['region']}; {ssim['implementation']}."),
         f"Uniform ROIs: {rois['rule']}",
         f"Noise std: {protocol['noise_std']}. HU bias: {protocol['hu_bias']}.",
+        *(f"{name.capitalize()}: {protocol[name]}." for name in ("bone", "edges") if name in protocol),
         f"NPS: {protocol['nps']}.",
         f"Denoisers run in {protocol['inference']['precision']} on {protocol['inference']['device']}.",
     ]
@@ -329,9 +352,10 @@ def html_document(title: str, intro: str, sections: Sequence[Section], figures: 
 
 
 def _evaluation_sections(summary: Mapping[str, Any]) -> tuple[str, list[Section]]:
-    header, rows = summary_table(summary)
     return (f"n2g-ct {summary['n2g_ct_version']}, {summary['created_utc']}.",
-            [Section("Results (mean ± std over slices)", header, rows),
+            [Section("Image quality (mean ± std over slices)", *summary_table(summary)),
+             Section("Do no harm: errors in soft tissue, bone and at edges (mean ± std over slices)",
+                     *harm_table(summary)),
              Section("Methods", lines=_method_lines(summary)),
              Section("Protocol", lines=_protocol_lines(summary))])
 

@@ -8,7 +8,11 @@ from scipy.ndimage import gaussian_filter
 
 from n2g_ct.baselines import estimate_noise_psd, oracle_noise_psd, psd_for_bm3d
 from n2g_ct.ct_quality import (
+    bone_mask,
+    edge_mask,
     find_uniform_rois,
+    gaussian_smooth,
+    masked_error,
     noise_power_spectrum,
     radial_nps,
     roi_hu_bias,
@@ -121,3 +125,44 @@ def test_psd_for_bm3d_keeps_the_spectrum_on_a_finer_grid():
     assert psd.shape == (64, 48) and psd.min() >= 0
     assert psd.mean() / psd.size == pytest.approx(nps_px.mean(), rel=0.01), "variance kept"
     np.testing.assert_allclose(psd[::4, ::3] / psd.size, nps_px, rtol=0.05, atol=0.02 * nps_px.max())
+
+
+def bone_phantom(size: int = 96) -> np.ndarray:
+    """(size, size) HU: a soft-tissue disc holding a dense bone ring, in air."""
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - size / 2, xx - size / 2)
+    return np.select([radius < 0.2 * size, radius < 0.28 * size, radius < 0.45 * size], [40.0, 1000.0, 40.0], -1000.0)
+
+
+def test_bone_and_edge_masks_find_the_dense_ring_and_the_boundaries_not_the_noise():
+    reference = bone_phantom()
+    noisy = reference + np.random.default_rng(8).normal(0, 10, reference.shape)
+    bone = bone_mask(noisy)
+    assert bone.sum() == (reference > 300).sum() and np.all(reference[bone] == 1000.0)
+    edges = edge_mask(noisy, (0.7, 0.7))
+    yy, xx = np.mgrid[:96, :96]
+    radius = np.hypot(yy - 48, xx - 48)
+    boundaries = np.abs(radius[..., None] - np.array([0.2, 0.28, 0.45]) * 96).min(axis=-1)
+    assert edges.any() and boundaries[edges].max() <= 4.0, "edge voxels lie on the three boundaries only"
+    assert edges[boundaries <= 0.5].mean() > 0.95, "and cover them"
+    valid = np.zeros(reference.shape, bool)
+    assert not edge_mask(noisy, (0.7, 0.7), valid).any() and not bone_mask(noisy, valid).any()
+
+
+def test_blurring_raises_the_edge_and_bone_error_above_the_noisy_inputs_and_a_shift_shows_as_bias():
+    reference = bone_phantom()
+    noisy = reference + np.random.default_rng(9).normal(0, 15, reference.shape)
+    blurred = gaussian_smooth(noisy, 1.5)
+    edges, bone = edge_mask(reference, (0.7, 0.7)), bone_mask(reference)
+    assert masked_error(blurred, reference, edges)[0] > 3 * masked_error(noisy, reference, edges)[0]
+    assert masked_error(blurred, reference, bone)[0] > masked_error(noisy, reference, bone)[0]
+    rmse, bias = masked_error(noisy - 30.0, reference, bone)
+    assert bias == pytest.approx(masked_error(noisy, reference, bone)[1] - 30.0) and rmse > 30.0
+    assert all(np.isnan(masked_error(noisy, reference, np.zeros(reference.shape, bool))))
+
+
+def test_gaussian_smooth_keeps_the_mean_and_matches_scipy():
+    image = np.random.default_rng(10).normal(0, 1, (40, 30))
+    np.testing.assert_allclose(gaussian_smooth(image, (2.0, 0.5)), gaussian_filter(image, (2.0, 0.5), mode="reflect",
+                                                                                   truncate=3.0), atol=1e-3)
+    assert gaussian_smooth(image, 0.0) == pytest.approx(image)

@@ -90,6 +90,9 @@ def test_noisy_psnr_equals_a_direct_computation_over_the_field_of_view(data, res
         assert float(row["psnr_full"]) > whole_slice + 3, "counting the padding would lower the PSNR"
         assert float(row["roi_noise_std_hu"]) == pytest.approx(40.0, rel=0.25)
         assert float(row["reference_roi_noise_std_hu"]) < 10.0
+        assert int(row["edge_voxels"]) > 0 and int(row["bone_voxels"]) == 0, "the disc's rim; no bone"
+        assert float(row["edge_rmse_hu"]) == pytest.approx(40.0, rel=0.4), "the noise alone at the rim"
+        assert row["bone_rmse_hu"] == "nan"
 
 
 def test_an_identity_denoiser_scores_like_the_noisy_input(result):
