@@ -5,11 +5,10 @@ a noise power spectrum, not a scalar σ: with a scalar it assumes white noise an
 low-frequency, blotchy part of CT noise in place. Two PSDs, both per slice (noise varies along z
 with tube-current modulation):
 
-- **estimated** (:func:`estimate_noise_psd`), from the low-dose slice alone, no reference: the
-  uniform soft-tissue ROIs of :func:`n2g_ct.ct_quality.find_uniform_rois` found on the low-dose
-  slice itself, each minus its least-squares plane, averaged into an NPS (:func:`noise_power_spectrum`).
-  Residual anatomy in the ROIs adds low-frequency power; ranking ROIs by a noisy image slightly
-  favours low-noise ones, lowering the low-frequency estimate a little.
+- **estimated** (:func:`estimate_noise_psd`), from the low-dose slice alone, no reference: the NPS
+  of :func:`n2g_ct.ct_quality.estimate_noise_nps`, measured in the slice's own uniform soft-tissue
+  ROIs (chosen on a smoothed copy, so that the noise does not choose them), each minus its
+  least-squares plane. Residual anatomy in the ROIs adds low-frequency power.
 - **oracle** (:func:`oracle_noise_psd`), an upper bound that uses the reference: the NPS of
   (low-dose − reference) over every grid square inside the body. It includes the reference's own
   noise, so it slightly overstates the low-dose noise when the reference is itself a real scan.
@@ -36,7 +35,7 @@ from n2g_ct.ct_quality import (
     DEFAULT_KEEP_FRACTION,
     DEFAULT_ROI_SIZE_PX,
     SOFT_TISSUE_HU,
-    find_uniform_rois,
+    estimate_noise_nps,
     grid_corners,
     noise_power_spectrum,
     roi_patches,
@@ -114,11 +113,8 @@ def estimate_noise_psd(
     Returns:
         (y, x) PSD for :func:`bm3d_denoise`, or None when the slice has no uniform soft-tissue ROI.
     """
-    corners = find_uniform_rois(low_dose_hu, valid, size_px=size_px, hu_range=hu_range, keep_fraction=keep_fraction)
-    if len(corners) == 0:
-        return None
-    nps = noise_power_spectrum(roi_patches(low_dose_hu, corners, size_px), _UNIT_SPACING)
-    return psd_for_bm3d(nps, low_dose_hu.shape)
+    nps, _ = estimate_noise_nps(low_dose_hu, valid, size_px=size_px, hu_range=hu_range, keep_fraction=keep_fraction)
+    return None if nps is None else psd_for_bm3d(nps, low_dose_hu.shape)
 
 
 def oracle_noise_psd(

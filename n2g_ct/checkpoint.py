@@ -99,6 +99,7 @@ def export_model(checkpoint: Path, out: Path) -> dict[str, Any]:
             "step": state["step"],
             "total_steps": state["total_steps"],
             "trained_with": dict(state.get("versions", {})),
+            "self_check": state.get("self_check"),
         }
     except (KeyError, TypeError) as exc:
         raise InputError(f"{checkpoint}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None

@@ -93,7 +93,7 @@ def _add_manifest_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from n2g_ct.config import load_config
-    from n2g_ct.train import TrainingInterrupted, train
+    from n2g_ct.train import HarmfulModel, TrainingInterrupted, train
     from n2g_ct.train_config import TrainConfig
 
     overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
@@ -103,6 +103,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"n2g-ct train: {exc}; continue with --resume", file=sys.stderr)
         return 128 + exc.signum
+    except HarmfulModel as exc:
+        print(f"n2g-ct train: {exc}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(f"checkpoint: {checkpoint}")
     return 0
@@ -128,7 +131,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
 
     summary = denoise_inputs(
         args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
-        amp=not args.no_amp, overwrite=args.overwrite, progress=not args.no_progress,
+        amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
     )
     print(summary.render())
     return 0 if summary.ok else 1
@@ -140,7 +143,10 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
         help="denoise CT series / NIfTI volumes into derived DICOM series / NIfTI files",
         description="Denoise every series found in the inputs with a trained model. Outputs mirror the "
         "inputs below --out (written to a temporary folder, then renamed); completed ones are skipped on a "
-        "re-run; OUT/denoise_summary.csv lists each job. Exit status: 0 all done, 1 some failed, 2 bad arguments.",
+        "re-run; OUT/denoise_summary.csv lists each job. Every series is self-checked without a reference (HU shift "
+        "in soft tissue, power removed against the series' own noise, removal at edges); a series on which the "
+        "model fails is refused (nothing written) unless --force. "
+        "Exit status: 0 all done, 1 some refused or failed, 2 bad arguments.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="series folder, folder tree, DICOM file, NIfTI file, or manifest (.yaml)")
@@ -151,6 +157,8 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--split", help="manifest split whose low-dose series are denoised (default: its default)")
     parser.add_argument("--overwrite", action="store_true", help="redo series whose output exists")
+    parser.add_argument("--force", action="store_true",
+                        help="write a series even when the model fails the self-check on it (the summary says so)")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     parser.set_defaults(handler=_cmd_denoise)

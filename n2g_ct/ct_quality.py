@@ -43,6 +43,8 @@ DEFAULT_KEEP_FRACTION = 0.25
 _BLOCKS_PER_SIDE = 4
 BONE_THRESHOLD_HU = 300.0
 """Reference voxels above this HU are bone (or dense contrast) for the do-no-harm statistics."""
+NOISE_SELECTION_SMOOTHING_PX = 2.0
+"""Gaussian σ, pixels, of the copy of a noisy image on which :func:`estimate_noise_nps` chooses its ROIs."""
 EDGE_SMOOTHING_MM = 1.0
 """Gaussian σ, mm, applied to the reference before its gradient is taken (keeps its noise out)."""
 EDGE_GRADIENT_HU_PER_MM = 50.0
@@ -120,6 +122,37 @@ def find_uniform_rois(
     score = block_means.std(axis=(1, 2))
     order = np.argsort(score, kind="stable")
     return corners[order[: max(1, int(np.floor(keep_fraction * len(order))))]]
+
+
+def estimate_noise_nps(
+    image_hu: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    size_px: int = DEFAULT_ROI_SIZE_PX,
+    hu_range: Sequence[float] = SOFT_TISSUE_HU,
+    keep_fraction: float = DEFAULT_KEEP_FRACTION,
+) -> tuple[np.ndarray | None, int]:
+    """The noise NPS of one noisy slice from its own uniform soft-tissue ROIs (no reference).
+
+    The ROIs (:func:`find_uniform_rois`) are chosen on a copy smoothed by a Gaussian of
+    :data:`NOISE_SELECTION_SMOOTHING_PX` pixels, and the NPS is measured on the slice itself. Chosen
+    on the noisy slice, the flattest squares would be those where the noise happens to be weakest,
+    which underestimates strong noise (by about a quarter of its std at 100 HU).
+
+    Args:
+        image_hu: (y, x) HU of a noisy slice.
+        valid: (y, x) bool, False at padding; None: all valid.
+        size_px, hu_range, keep_fraction: as for :func:`find_uniform_rois`.
+
+    Returns:
+        (NPS (size_px, size_px) in HU² per pixel² (spacing 1, numpy FFT order), number of ROIs);
+        (None, 0) when the slice holds no uniform soft-tissue ROI.
+    """
+    smoothed = gaussian_smooth(image_hu, NOISE_SELECTION_SMOOTHING_PX)
+    corners = find_uniform_rois(smoothed, valid, size_px=size_px, hu_range=hu_range, keep_fraction=keep_fraction)
+    if len(corners) == 0:
+        return None, 0
+    return noise_power_spectrum(roi_patches(image_hu, corners, size_px), (1.0, 1.0)), len(corners)
 
 
 def roi_noise_std(image_hu: np.ndarray, corners: np.ndarray, size_px: int) -> float:

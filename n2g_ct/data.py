@@ -67,9 +67,9 @@ class SliceTable:
         """The volumes and slice indices of row ``index``."""
         return self.volumes[self.entry[index]], tuple(int(z) for z in self.z[index])
 
-    def sample(self, rng: np.random.RandomState) -> tuple[tuple[CachedVolume, ...], tuple[int, ...]]:
-        """A uniformly random row."""
-        return self.row(int(rng.randint(len(self.entry))))
+    def sample(self, rng: np.random.RandomState) -> int:
+        """The index of a uniformly random row."""
+        return int(rng.randint(len(self.entry)))
 
 
 def _indices(slices: Sequence[int] | None, volume: CachedVolume, role: str) -> np.ndarray:
@@ -124,6 +124,67 @@ def slice_pool(
     if not volumes:
         raise InputError(f"{name}: no series given")
     return _table(name, volumes, zs, min_tissue_fraction)
+
+
+NOISE_PRIOR_ROIS = 8
+"""In :func:`pool_noise_power`, a slice's noise spectrum is pulled towards its series' as if that one
+came from this many ROIs: a slice with few uniform ROIs mostly takes its series' spectrum."""
+NOISE_ROI_SIZES_PX = (16, 8)
+"""ROI sides :func:`pool_noise_power` tries in turn: the smaller only when a pool holds no larger one
+(small images, thin soft tissue)."""
+
+
+def pool_noise_power(table: SliceTable, frequencies_per_px: np.ndarray, window_hu: Sequence[float],
+                     name: str) -> np.ndarray:
+    """The noise power of each row's slice at radial ``frequencies_per_px``, in squared network units.
+
+    Per slice: the noise NPS measured in its own uniform soft-tissue ROIs
+    (:func:`n2g_ct.ct_quality.estimate_noise_nps`, no reference; the ROI side is the first of
+    :data:`NOISE_ROI_SIZES_PX` the pool holds), averaged with its series' pooled NPS weighted
+    :data:`NOISE_PRIOR_ROIS` (a series without ROIs takes the whole pool's); its radial profile
+    interpolated at the frequencies (constant beyond the measured rings); HU² divided by the
+    squared window width, the units of ``|rfft2|² / (h·w)`` of crops in [0, 1].
+
+    Returns:
+        (rows, len(frequencies_per_px)) float32.
+
+    Raises:
+        InputError: no slice of the pool holds a uniform soft-tissue region, so its noise cannot be measured.
+    """
+    from n2g_ct.ct_quality import estimate_noise_nps, radial_nps
+
+    low, high = (float(v) for v in window_hu)
+
+    def pooled(estimates: Iterable[tuple[np.ndarray | None, int]]) -> np.ndarray | None:
+        found = [(nps, count) for nps, count in estimates if nps is not None]
+        return sum(nps * count for nps, count in found) / sum(c for _, c in found) if found else None
+
+    for size in NOISE_ROI_SIZES_PX:
+        per_entry: list[dict[int, tuple[np.ndarray | None, int]]] = []
+        for entry, volumes in enumerate(table.volumes):
+            volume = volumes[0]
+            slices = {}
+            for z in np.unique(table.z[table.entry == entry, 0]):
+                valid = None if volume.padding_mask is None else ~np.asarray(volume.padding_mask[z])
+                slices[int(z)] = estimate_noise_nps(np.asarray(volume.hu[z], np.float64), valid, size_px=size)
+            per_entry.append(slices)
+        pool = pooled(e for slices in per_entry for e in slices.values())
+        if pool is not None:
+            break
+    else:
+        raise InputError(f"{name}: no slice holds a uniform soft-tissue region (squares of {NOISE_ROI_SIZES_PX[-1]} px "
+                         "or more in [-100, 150] HU), so its noise cannot be measured; use "
+                         "method.noise2grad.noise_scale: spectral")
+    profiles = {}
+    for entry, slices in enumerate(per_entry):
+        series = pooled(slices.values())
+        series = pool if series is None else series
+        for z, (nps, count) in slices.items():
+            own = series if nps is None else (count * nps + NOISE_PRIOR_ROIS * series) / (count + NOISE_PRIOR_ROIS)
+            frequency, radial = radial_nps(own, (1.0, 1.0))
+            profiles[entry, z] = np.interp(frequencies_per_px, frequency, radial) / (high - low) ** 2
+    log.info("%s: noise measured in the uniform soft-tissue ROIs (%d px) of %d slices", name, size, len(profiles))
+    return np.stack([profiles[int(e), int(z)] for e, z in zip(table.entry, table.z[:, 0])]).astype(np.float32)
 
 
 def pair_table(
@@ -214,11 +275,15 @@ class SeededBatchStream(IterableDataset):
 
 
 class _CropStream(SeededBatchStream):
-    """Batches of CT crops: per sample, one row from each table through its own crop chain."""
+    """Batches of CT crops: per sample, one row from each table through its own crop chain.
+
+    A draw may carry per-row values (an array whose first axis runs over the table's rows), which
+    the batch returns after the crops, stacked, for the rows drawn.
+    """
 
     def __init__(
         self,
-        draws: Sequence[tuple[SliceTable, tuple[str, ...]]],
+        draws: Sequence[tuple[SliceTable, tuple[str, ...]] | tuple[SliceTable, tuple[str, ...], np.ndarray]],
         *,
         crop_size: Sequence[int] = DEFAULT_CROP_SIZE,
         flip_prob: float = 0.5,
@@ -227,16 +292,17 @@ class _CropStream(SeededBatchStream):
     ) -> None:
         super().__init__(**seeding)
         self.draws = tuple(
-            (table, keys, crop_transforms(keys, crop_size=crop_size, flip_prob=flip_prob, window_hu=window_hu))
-            for table, keys in draws
+            (draw[0], draw[1], crop_transforms(draw[1], crop_size=crop_size, flip_prob=flip_prob, window_hu=window_hu))
+            for draw in draws
         )
+        self.row_values = tuple(draw[2] if len(draw) > 2 else None for draw in draws)
         for table, _, _ in self.draws:
             for volume in (v for volumes in table.volumes for v in volumes):
                 if any(c > s for c, s in zip(crop_size, volume.shape[1:])):
                     raise InputError(f"{volume.source}: slices {volume.shape[1:]} are smaller than the crop {tuple(crop_size)}")
 
     def batch(self, index: int) -> tuple[torch.Tensor, ...]:
-        """Batch ``index``: one (B, 1, h, w) float32 tensor in [0, 1] per key."""
+        """Batch ``index``: one (B, 1, h, w) float32 tensor in [0, 1] per key, then (B, ...) per-row values."""
         seeds = self.batch_seeds(index, 1 + len(self.draws))
         pick = np.random.RandomState(seeds[0])
         for (_, _, chain), chain_seed in zip(self.draws, seeds[1:]):
@@ -245,14 +311,21 @@ class _CropStream(SeededBatchStream):
                 if isinstance(transform, Randomizable):
                     transform.set_random_state(state=state)
         crops: list[list[torch.Tensor]] = []
+        rows: list[list[int]] = []
         for _ in range(self.batch_size):
             sample: list[torch.Tensor] = []
+            drawn = []
             for table, keys, chain in self.draws:
-                volumes, zs = table.sample(pick)
+                row = table.sample(pick)
+                volumes, zs = table.row(row)
                 out = apply_plain(chain, {key: v.hu[z] for key, v, z in zip(keys, volumes, zs)})
                 sample.extend(out[key] for key in keys)
+                drawn.append(row)
             crops.append(sample)
-        return tuple(torch.stack(column) for column in zip(*crops))
+            rows.append(drawn)
+        extras = [torch.from_numpy(values[[r[i] for r in rows]])
+                  for i, values in enumerate(self.row_values) if values is not None]
+        return (*(torch.stack(column) for column in zip(*crops)), *extras)
 
 
 class UnpairedCropStream(_CropStream):
@@ -271,6 +344,10 @@ class UnpairedCropStream(_CropStream):
         min_tissue_fraction: skip slices with less than this share of voxels above -500 HU
             (0 keeps every slice, as the paper does).
         cache: where volumes are cached; default :class:`VolumeCache` ().
+        noise_bands: radial frequencies (cycles/pixel); when given, each batch ends with two more
+            tensors, (B, len(noise_bands)) float32: the noise power of each noisy crop's slice and
+            the own noise power of each clean crop's slice at those frequencies, in the network's
+            units (see :func:`pool_noise_power`).
     """
 
     def __init__(
@@ -280,13 +357,18 @@ class UnpairedCropStream(_CropStream):
         *,
         min_tissue_fraction: float = 0.0,
         cache: VolumeCache | None = None,
+        noise_bands: np.ndarray | None = None,
         **options: Any,
     ) -> None:
         cache = cache or VolumeCache()
-        draws = [
+        draws: list[tuple] = [
             (slice_pool("noisy pool", noisy, cache, min_tissue_fraction=min_tissue_fraction), (Keys.NOISY,)),
             (slice_pool("clean pool", clean, cache, min_tissue_fraction=min_tissue_fraction), (Keys.CLEAN,)),
         ]
+        if noise_bands is not None:
+            window = options.get("window_hu", DEFAULT_WINDOW_HU)
+            draws = [(table, keys, pool_noise_power(table, noise_bands, window, name))
+                     for (table, keys), name in zip(draws, ("noisy pool", "clean pool"))]
         super().__init__(draws, **options)
 
     @classmethod

@@ -11,7 +11,13 @@ test pairs' low-dose series and its noisy pool, each whole). Outputs mirror the 
     manifest                    → as a folder IN, IN being the manifest's data root
 
 plus ``OUT/denoise_summary.csv``: one row per job (input, series UID, output, slices, status
-``done``/``skipped``/``failed``, seconds, clipped voxels, message), rewritten after each job.
+``done``/``skipped``/``refused``/``failed``, seconds, clipped voxels, the self-check values,
+message), rewritten after each job.
+
+Self-check: every series is checked, reference-free, while it is denoised (:mod:`n2g_ct.self_check`:
+the HU shift in uniform soft tissue, the power removed per band against the series' own noise,
+how much of it lies at edges). A series on which the model fails is *refused*: nothing is written
+for it, its row says which check failed, and the run ends with status 1; ``force`` writes it anyway.
 
 Safety: a job is written to a hidden ``.<name>.partial-<pid>`` sibling of its output and renamed
 into place when complete, so an output that exists is complete; a re-run skips it (``overwrite``
@@ -56,11 +62,13 @@ from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
 from n2g_ct.io.volume import CTVolume
 from n2g_ct.manifest import load_manifest
 from n2g_ct.models import STARTER_MODEL
+from n2g_ct.self_check import SelfCheck, SelfCheckResult
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "denoise_summary.csv"
-SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "message")
+SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "self_check",
+                  "hu_shift_hu", "removed_noise_ratio", "edge_ratio", "message")
 READ_CHUNK_SLICES = 32
 """DICOM slices decoded at a time (at least one batch)."""
 _MANIFEST_SUFFIXES = (".yaml", ".yml")
@@ -94,11 +102,15 @@ class Outcome:
     series_uid: str = ""
     seconds: float = 0.0
     clipped: int = 0
+    check: SelfCheckResult | None = None
     message: str = ""
 
     def row(self) -> dict[str, str]:
+        check = ("", "", "", "") if self.check is None else (
+            "pass" if self.check.passed else "FAIL", f"{self.check.hu_shift_hu:.2f}",
+            f"{self.check.removed_noise_ratio:.3f}", f"{self.check.edge_ratio:.3f}")
         values = (self.source, self.series_uid, self.output or "", self.slices, self.status,
-                  f"{self.seconds:.2f}", self.clipped, self.message)
+                  f"{self.seconds:.2f}", self.clipped, *check, self.message)
         return dict(zip(SUMMARY_FIELDS, (str(v) for v in values)))
 
 
@@ -111,8 +123,8 @@ class DenoiseSummary:
 
     @property
     def ok(self) -> bool:
-        """True when no job failed."""
-        return all(o.status != "failed" for o in self.outcomes)
+        """True when no job failed or was refused."""
+        return all(o.status not in ("failed", "refused") for o in self.outcomes)
 
     def render(self) -> str:
         """A few lines for the terminal: counts per status, the CSV, and each failure."""
@@ -120,11 +132,11 @@ class DenoiseSummary:
         done = [o for o in self.outcomes if o.status == "done"]
         head = (
             f"{len(self.outcomes)} job(s): {counts['done']} done, {counts['skipped']} skipped, "
-            f"{counts['failed']} failed ({sum(o.slices for o in done)} slice(s) denoised in "
-            f"{sum(o.seconds for o in done):.1f} s); summary: {self.csv_path}"
+            f"{counts['refused']} refused, {counts['failed']} failed ({sum(o.slices for o in done)} slice(s) "
+            f"denoised in {sum(o.seconds for o in done):.1f} s); summary: {self.csv_path}"
         )
         lines = [head]
-        lines += [f"failed: {o.source}: {o.message}" for o in self.outcomes if o.status == "failed"]
+        lines += [f"{o.status}: {o.source}: {o.message}" for o in self.outcomes if o.status in ("refused", "failed")]
         return "\n".join(lines)
 
 
@@ -278,25 +290,39 @@ def _read_chunks(series: DicomSeries, size: int) -> Iterator[CTVolume]:
         yield chunk
 
 
+def _denoise_checked(denoiser: Denoiser, volume: CTVolume, batch_size: int, check: SelfCheck,
+                     on_slices: Callable[[int], None]) -> np.ndarray:
+    """Denoise ``volume.hu`` in place and add every slice to the self-check; returns the denoised HU."""
+    noisy = volume.hu.copy()
+    hu = denoise_volume(denoiser, volume.hu, batch_size=batch_size, keep=volume.padding_mask, out=volume.hu,
+                        on_batch=on_slices)
+    spacing = (volume.spacing_xyz[1], volume.spacing_xyz[0])
+    for z in range(len(hu)):
+        check.add(noisy[z], hu[z], spacing, None if volume.padding_mask is None else ~volume.padding_mask[z])
+    return hu
+
+
 def _denoise_dicom(job: Job, folder: Path, denoiser: Denoiser, derivation: Derivation, batch_size: int,
-                   on_slices: Callable[[int], None]) -> tuple[int, int]:
+                   check: SelfCheck, on_slices: Callable[[int], None]) -> tuple[int, int]:
     """Denoise a series into ``folder``; returns (slices written, voxels clipped)."""
     assert job.series is not None
     writer = DerivedSeriesWriter(folder, derivation, job.series.series_uid)
     for chunk in _read_chunks(job.series, max(batch_size, READ_CHUNK_SLICES)):
-        hu = denoise_volume(denoiser, chunk.hu, batch_size=batch_size, keep=chunk.padding_mask, out=chunk.hu,
-                            on_batch=on_slices)
-        writer.write(chunk.datasets, hu)
+        writer.write(chunk.datasets, _denoise_checked(denoiser, chunk, batch_size, check, on_slices))
     writer.finish()
     return writer.slices, writer.clipped
 
 
-def _denoise_nifti(job: Job, path: Path, denoiser: Denoiser, batch_size: int,
+def _denoise_nifti(job: Job, path: Path, denoiser: Denoiser, batch_size: int, check: SelfCheck,
                    on_slices: Callable[[int], None]) -> tuple[int, int]:
     """Denoise a NIfTI volume (whole) into the file ``path``; returns (slices, voxels clipped)."""
     volume = read_nifti(job.source)
-    hu = denoise_volume(denoiser, volume.hu, batch_size=batch_size, out=volume.hu, on_batch=on_slices)
+    hu = _denoise_checked(denoiser, volume, batch_size, check, on_slices)
     return len(hu), write_nifti(path, hu, volume)
+
+
+class SelfCheckRefusal(N2GError):
+    """The model fails the self-check on a series: nothing is written for it (unless forced)."""
 
 
 def _check_complete(job: Job, derivation: Derivation) -> None:
@@ -314,7 +340,7 @@ def _check_complete(job: Job, derivation: Derivation) -> None:
 
 
 def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: int, overwrite: bool,
-             progress: bool) -> Outcome:
+             progress: bool, force: bool = False) -> Outcome:
     series_uid = job.series.series_uid if job.series else ""
     outcome = Outcome(job.source, job.output, slices=job.slices, series_uid=series_uid)
     start = time.perf_counter()
@@ -323,14 +349,23 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
             _check_complete(job, derivation)
             outcome.status, outcome.message = "skipped", "output exists (complete); --overwrite redoes it"
             return outcome
+        check = SelfCheck()
         with tqdm(total=job.slices, unit="slice", desc=job.output.name[-24:], leave=False,
                   disable=not progress, dynamic_ncols=True) as bar, staged_output(job.output) as staging:
             if job.series is not None:
-                slices, clipped = _denoise_dicom(job, staging, denoiser, derivation, batch_size, bar.update)
+                slices, clipped = _denoise_dicom(job, staging, denoiser, derivation, batch_size, check, bar.update)
             else:
-                slices, clipped = _denoise_nifti(job, staging, denoiser, batch_size, bar.update)
+                slices, clipped = _denoise_nifti(job, staging, denoiser, batch_size, check, bar.update)
+            outcome.check = check.result()
+            _judge(job, outcome.check, force)
         outcome.status, outcome.slices, outcome.clipped = "done", slices, clipped
-        log.info("%s → %s: %d slice(s) in %.1f s", job.source, job.output, slices, time.perf_counter() - start)
+        if not outcome.check.passed:
+            outcome.message = "written with --force although the self-check failed: " + "; ".join(outcome.check.failures)
+        log.info("%s → %s: %d slice(s) in %.1f s; self-check: %s", job.source, job.output, slices,
+                 time.perf_counter() - start, outcome.check.describe())
+    except SelfCheckRefusal as exc:
+        outcome.status, outcome.message = "refused", str(exc)
+        log.error("%s: %s", job.source, exc)
     except N2GError as exc:
         outcome.message = str(exc)
         log.error("%s: %s", job.source, exc)
@@ -340,6 +375,17 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
     finally:
         outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _judge(job: Job, check: SelfCheckResult, force: bool) -> None:
+    """Raise SelfCheckRefusal when the self-check failed on this series and ``force`` is off."""
+    if check.passed:
+        return
+    if force:
+        log.warning("%s: the self-check failed (%s); written anyway (--force)", job.source, "; ".join(check.failures))
+        return
+    raise SelfCheckRefusal(f"refused, the model fails the self-check on this series: {'; '.join(check.failures)} "
+                           "(nothing written; --force writes it anyway)")
 
 
 def _write_summary(path: Path, outcomes: Sequence[Outcome]) -> None:
@@ -360,6 +406,7 @@ def denoise_inputs(
     batch_size: int | None = None,
     amp: bool = True,
     overwrite: bool = False,
+    force: bool = False,
     progress: bool = True,
 ) -> DenoiseSummary:
     """Denoise every series / volume found in ``inputs`` into ``out`` (layout: module docstring).
@@ -373,10 +420,11 @@ def denoise_inputs(
         batch_size: slices per forward pass (default: :data:`n2g_ct.inference.DEFAULT_BATCH_SIZE`).
         amp: float16 autocast on CUDA.
         overwrite: redo jobs whose output exists.
+        force: write a series even when the model fails the self-check on it (the row says so).
         progress: progress bars (jobs, and slices of the current job) on stderr.
 
     Returns:
-        The outcome per job; ``ok`` is False when any failed. The CSV is written after each job.
+        The outcome per job; ``ok`` is False when any failed or was refused. The CSV is written after each job.
 
     Raises:
         InputError / ConfigError: unreadable checkpoint, missing input, unsafe ``out``,
@@ -403,7 +451,7 @@ def denoise_inputs(
     with logging_redirect_tqdm(), tqdm(total=len(jobs), unit="series", desc="series", disable=not progress,
                                        dynamic_ncols=True) as bar:
         for job in jobs:
-            summary.outcomes.append(_run_job(job, denoiser, derivation, batch_size, overwrite, progress))
+            summary.outcomes.append(_run_job(job, denoiser, derivation, batch_size, overwrite, progress, force))
             _write_summary(summary.csv_path, summary.outcomes)
             bar.update()
     return summary

@@ -5,7 +5,10 @@ For every evaluated slice and method: PSNR and SSIM in both windows of DESIGN §
 ROIs found on the *reference* slice: noise std of the output, mean-HU bias (output − reference),
 and the NPS of (output − reference), pooled over all slices per method. Do no harm: the RMSE and
 mean of (output − reference) in bone (reference above 300 HU) and at edges (steep reference
-gradients), which a denoiser that blurs or shifts anatomy raises above the noisy input's. Padding (the ``valid``
+gradients), which a denoiser that blurs or shifts anatomy raises above the noisy input's. And for
+every method that changes the input, the reference-free self-checks of :mod:`n2g_ct.self_check` on
+the low-dose slices (what ``n2g-ct denoise`` and training check where no reference exists), so a
+report shows whether those checks would have caught a harmful model. Padding (the ``valid``
 mask of :class:`~n2g_ct.data.PairedSliceDataset`) is kept out of every statistic.
 
 Methods, in this order: ``noisy`` (the low-dose input itself), one per ``--model NAME=CHECKPOINT``
@@ -70,6 +73,7 @@ from n2g_ct.errors import ConfigError, InputError, N2GError
 from n2g_ct.inference import denoiser_from_checkpoint
 from n2g_ct.manifest import PairSelection, load_split
 from n2g_ct.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, WINDOWS, psnr, ssim
+from n2g_ct.self_check import SelfCheck
 from n2g_ct.reports import (
     REFERENCE,
     ExampleSlice,
@@ -215,6 +219,7 @@ class _Accumulator:
     rows: list[dict[str, Any]] = field(default_factory=list)
     reference_noise: list[float] = field(default_factory=list)
     nps: dict[str, _NPSPool] = field(default_factory=dict)
+    self_checks: dict[str, SelfCheck] = field(default_factory=dict)
     examples: list[ExampleSlice] = field(default_factory=list)
 
 
@@ -316,6 +321,8 @@ def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, ser
             row["edge_rmse_hu"], row["edge_bias_hu"] = masked_error(output, s.reference, edges)
             difference = np.asarray(output, np.float64) - s.reference
             acc.nps.setdefault(method.name, _NPSPool()).add(roi_patches(difference, corners, roi.size_px), s.spacing_mm)
+            if method.name != NOISY:
+                acc.self_checks.setdefault(method.name, SelfCheck()).add(s.low_dose, output, s.spacing_mm, s.valid)
         acc.rows.append(row)
     if keep_example:
         acc.examples.append(ExampleSlice(f"pair {s.pair}, slice {s.index}", outputs, s.reference, corners, roi.size_px))
@@ -363,6 +370,11 @@ def _protocol(roi: RoiSettings, device: str, bm3d: bool) -> dict[str, Any]:
                "NPS = Δy·Δx/(Ny·Nx)·⟨|DFT|²⟩ in HU²·mm², radially averaged, frequency in cycles/mm "
                "from the pixel spacing; pooled over all slices weighted by ROI count",
         "inference": {"precision": "fp32", "device": device},
+        "self_checks": ("reference-free, on the low-dose slices only (n2g_ct.self_check): the HU shift "
+                        "mean(output − input) in uniform soft-tissue ROIs found on the output; the largest ratio, "
+                        "over rings of radial frequency, of the NPS of (input − output) in every tissue tile to "
+                        "the input's own noise NPS in its uniform ROIs; the mean (input − output)² at edges of "
+                        "the output over that elsewhere in the body"),
     }
     if bm3d:
         protocol["bm3d"] = ("bm3d package, profile 'np', both stages, one PSD per slice. Estimated PSD: NPS of the "
@@ -391,6 +403,7 @@ def _summary(methods: Sequence[_Method], acc: _Accumulator, data: dict[str, Any]
         "results": results,
         "reference": {"roi_noise_std_hu": _stats(acc.reference_noise)},
         "nps": nps,
+        "self_checks": {name: check.result().as_dict() for name, check in acc.self_checks.items()},
         "seconds": seconds,
     }
 

@@ -11,23 +11,23 @@ Three variants (`Noise2GradOptions.variant`):
 
 - ``faithful``, the paper and its official code: ``D`` multiplies by random ±1 per pixel; G (a 1×1
   conv) is learned by the optimiser from ~0; ``L_grad`` trains F too, through ``n_hat``.
-- ``default``, this toolkit's: ``D`` randomises the Fourier phases of each crop (keeps the noise
-  power spectrum, so CT's spatially correlated noise stays correlated); G is a gain per radial
-  frequency band (`SpectralNoiseGain`), fitted so that the synthetic noise's power in each band is
-  the residual's cross-power with the input, ``Re<N̂_hat, X̂>``, which for a least-squares F estimates
-  the noise power (the residual's own power falls short by ``r/(1+r)`` in a band with
-  noise-to-signal ratio r, so synthetic noise made of the residual alone is too weak exactly where
-  image and noise compete, and keeps weakening as F trains on it); at low frequencies, where the
-  image swamps that estimate, each band takes the largest estimate above it (``extend_low``);
-  ``L_grad`` is only reported, and F learns from the synthetic pairs. Each change is an option;
-  BENCHMARKS.md measures them alone and together.
-- ``robust``: ``default`` plus two choices for CT runs that train long or denoise slices noisier
-  than the noisy pool: from a quarter of the run on, the noise is extracted by a copy of F frozen
-  then (``freeze_extractor``), so the estimate stops following F as F learns to tell synthetic
-  noise from real noise; each sample's synthetic noise is scaled by a random gain in [1/3, 3]
-  (``noise_gain``), so F learns to remove noise of any level in that range (on average twice the
-  pool's noise power). It is not the default because it loses where pool and test noise match and
-  runs are short (BENCHMARKS.md).
+- ``default``, this toolkit's, built to hold where users train: pools that differ in anatomy,
+  scanner and noise level. ``D`` randomises the Fourier phases of each crop (keeps the noise power
+  spectrum, so CT's spatially correlated noise stays correlated). G gives each crop's ``n_hat``,
+  band by band, the noise power spectrum measured beforehand on the crop's own slice, in its
+  uniform soft-tissue ROIs (`MeasuredNoiseSpectrum`): an estimate that needs no F, so anatomy F
+  removes (a skull's edges, contrast that differs from the clean pool's) cannot inflate it, and
+  each slice keeps its own level. The clean images' own noise is measured the same way: the
+  synthetic noise adds only what the noisy slice has in excess, and the target is corrected so that
+  F learns to remove all the noise, not only the excess (`own_noise_correction`). F is a residual
+  U-Net (``model.residual``), which keeps every CT number it has no reason to change. ``L_grad`` is
+  only reported.
+- ``robust``: ``default`` plus a random gain in [1/3, 3] on each sample's synthetic noise
+  (``noise_gain``), so F also learns noise levels beyond the pool's (slices noisier than the pool).
+
+Earlier toolkit defaults stay selectable as options: ``noise_scale: spectral`` (G a gain per band
+fitted to the removed noise's cross-power with the input; `SpectralNoiseGain`) and ``fitted``.
+BENCHMARKS.md measures each variant on the chest benchmarks and on in-house pools.
 
 The step only computes losses (and, for a fitted or spectral scale, updates G in place); the caller
 owns the optimiser, the step counter and logging. It keeps the input dtype and works inside ``torch.autocast``.
@@ -35,6 +35,7 @@ owns the optimiser, the step counter and logging. It keeps the input dtype and w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -45,23 +46,23 @@ from monai.networks.layers.convutils import gaussian_1d
 from torch import Tensor, nn
 
 from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
-from n2g_ct.models.noise_approx import rfft2_radial_frequency
+from n2g_ct.models.noise_approx import band_filter, rfft2_radial_frequency
 
 DESTRUCTIONS = ("sign", "phase", "envelope", "split")
 SPLIT_CUTOFF = 0.125
 """Radial frequency, cycles/pixel, below which ``split`` destruction randomises phases."""
 ENVELOPE_SIGMA_PX = 8.0
 """Gaussian σ, pixels, of the local noise amplitude that ``envelope`` destruction keeps."""
-NOISE_SCALES = ("learned", "fitted", "spectral")
+NOISE_SCALES = ("learned", "fitted", "spectral", "measured")
 
 
 VARIANTS: dict[str, dict[str, object]] = {
     "faithful": {"destruction": "sign", "grad_into_denoiser": True, "noise_scale": "learned",
                  "freeze_extractor": 1.0, "noise_gain": 1.0},
-    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral",
+    "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "measured",
                 "freeze_extractor": 1.0, "noise_gain": 1.0},
-    "robust": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "spectral",
-               "freeze_extractor": 0.25, "noise_gain": 3.0},
+    "robust": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "measured",
+               "freeze_extractor": 1.0, "noise_gain": 3.0},
 }
 """The choices each variant makes for the options left unset (see `Noise2GradOptions`)."""
 
@@ -71,9 +72,9 @@ class Noise2GradOptions:
     """Switches of the Noise2Grad step.
 
     ``variant`` picks the method: ``faithful`` is the paper's (Lin et al., IJCAI 2021, and its
-    official code); ``default`` is this toolkit's, which departs from it where the ablation in
-    BENCHMARKS.md measured a win; ``robust`` adds a frozen extractor and a noise gain for long CT
-    runs. Options left unset (``None``) take the variant's value (`VARIANTS`); set ones override it.
+    official code); ``default`` is this toolkit's, which departs from it where BENCHMARKS.md
+    measured a win; ``robust`` adds a noise gain for slices noisier than the pool (module
+    docstring). Options left unset (``None``) take the variant's value (`VARIANTS`); set ones override it.
 
     Attributes:
         variant: ``default``, ``faithful`` or ``robust``.
@@ -102,13 +103,16 @@ class Noise2GradOptions:
             ``spectral``: G is a `SpectralNoiseGain`, one gain per radial frequency band, fitted on
             the same steps so that the synthetic noise's power in each band is the residual's
             cross-power with the input, which estimates the noise power (see its docstring).
+            ``measured``: G is a `MeasuredNoiseSpectrum`: each crop's synthetic noise gets the noise
+            power spectrum measured on its own slice before training, less the clean image's own
+            noise, and the target is corrected for that own noise (`own_noise_correction`). CT only.
         scale_momentum: weight of each new fit in the moving average of ``fitted``, in (0, 1].
         freeze_extractor: ``φ`` in (0, 1]: from step ``⌈φ·total_steps⌉`` on, ``n_hat`` comes from a
             frozen copy of F taken at that step, so the synthetic noise stops following F. Without it
             the loop "F removes less → less noise is extracted → F learns to remove less" can drift:
             F, trained ever longer on synthetic noise, tells it ever better from the real noise,
             keeps more of the real noise, and the noise estimate and PSNR fall as training continues.
-            1 (paper, ``default``): F extracts throughout; ``robust``: 0.25.
+            1 (paper, the variants): F extracts throughout.
         extend_low: ``spectral`` scale only: take each band's noise power as at least that of every
             higher band, where the estimate is reliable (see `SpectralNoiseGain`); ``False``
             uses every band's own estimate.
@@ -137,13 +141,16 @@ class Noise2GradOptions:
     freeze_extractor: float | None = None
     extend_low: bool = True
     noise_reuse: int = 1
+    from_variant: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    """The options that took the variant's value (left unset)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"Noise2GradOptions.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        for name, value in VARIANTS[self.variant].items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
+        unset = frozenset(name for name in VARIANTS[self.variant] if getattr(self, name) is None)
+        for name in unset:
+            object.__setattr__(self, name, VARIANTS[self.variant][name])
+        object.__setattr__(self, "from_variant", unset)
         _require_positive_int(self.period, "Noise2GradOptions.period (optimiser steps)")
         _require_positive_int(self.noise_reuse, "Noise2GradOptions.noise_reuse (synthetic pairs per extracted noise)")
         for name in ("detail_destruction", "update_delay", "grad_into_denoiser", "extend_low"):
@@ -164,6 +171,13 @@ class Noise2GradOptions:
             raise ValueError(f"Noise2GradOptions.noise_gain must be >= 1, got {self.noise_gain!r}")
 
 
+    def for_images(self) -> Noise2GradOptions:
+        """These options for natural images: a ``measured`` noise scale the variant chose becomes
+        ``spectral`` (natural images have no soft tissue to measure the noise in); an explicit one stays."""
+        if self.noise_scale == "measured" and "noise_scale" in self.from_variant:
+            return dataclasses.replace(self, noise_scale="spectral")
+        return self
+
     def period_for(self, total_steps: int) -> int:
         """The update-delay period of a run of ``total_steps`` steps (``period`` unless ``period_fraction``).
 
@@ -182,7 +196,7 @@ class Noise2GradOptions:
     def freeze_step(self, total_steps: int | None) -> int | None:
         """The step from which the noise extractor is frozen (``None``: never).
 
-        >>> [Noise2GradOptions(variant=name).freeze_step(2000) for name in ("robust", "default")]
+        >>> [Noise2GradOptions(freeze_extractor=value).freeze_step(2000) for value in (0.25, 1.0)]
         [500, None]
         """
         if not self.freezes_extractor:
@@ -365,6 +379,42 @@ def destroy_details(noise: Tensor, options: Noise2GradOptions, generator: torch.
     return noise * detail_destruction_mask(noise.shape, generator).to(noise)
 
 
+MIN_NOISE_EXCESS = 1.25
+"""Measured noise scale: a band gets synthetic noise only where the noisy slice's noise power is at
+least this multiple of the clean slice's own; below it, the clean image is too noisy to teach that
+band (the corrected target would be mostly noise), and the band is left alone."""
+
+
+def own_noise_correction(noise_power: Tensor, clean_power: Tensor) -> tuple[Tensor, Tensor]:
+    """Synthetic noise power and target correction per crop and band for the measured noise scale.
+
+    A routine-dose image ``y = s + e`` has noise of its own (power ``E_e`` per band). Trained on
+    ``y + n → y``, F learns to keep noise like ``e``, and so removes only what exceeds it. Instead,
+    with ``n`` of power ``E_n = E_x − E_e`` (so that ``y + n`` is as noisy as the noisy slice, power
+    ``E_x``) and the target ``y − (E_e / E_n)·n`` (band by band), the expected target given the
+    input is the clean ``s`` whenever ``e`` and ``n`` are independent and Gaussian: then
+    ``E[e | z] = E_e / (E_e + E_n) · E[e + n | z]`` and the two terms cancel (the unequal-noise form
+    of Noisier2Noise, Moran et al., CVPR 2020, and Recorrupted-to-Recorrupted, Pang et al., CVPR 2021).
+    F learns to remove all the noise, at the noisy slice's level.
+
+    Args:
+        noise_power: (B, bands) ``E_x``, the noisy crops' slices' noise power.
+        clean_power: (B, bands) ``E_e``, the clean crops' slices' own noise power.
+
+    Returns:
+        ((B, bands) ``E_n``, 0 where ``E_x < MIN_NOISE_EXCESS·E_e``; (B, bands) ``E_e / E_n``, 0 there too).
+
+    >>> power, correction = own_noise_correction(torch.tensor([[4.0, 1.0]]), torch.tensor([[1.0, 1.0]]))
+    >>> power.tolist(), correction.tolist()
+    ([[3.0, 0.0]], [[0.3333333432674408, 0.0]])
+    """
+    usable = noise_power >= MIN_NOISE_EXCESS * clean_power
+    power = torch.where(usable, noise_power - clean_power, torch.zeros_like(noise_power))
+    correction = torch.where(usable, clean_power / power.clamp_min(torch.finfo(torch.float32).tiny),
+                             torch.zeros_like(noise_power))
+    return power, correction
+
+
 def random_noise_gain(batch: int, max_gain: float, generator: torch.Generator) -> Tensor:
     """(batch, 1, 1, 1) gains drawn log-uniformly from [1/max_gain, max_gain] (all 1 when max_gain is 1).
 
@@ -415,6 +465,8 @@ def noise2grad_step(
     generator: torch.Generator,
     total_steps: int | None = None,
     extractor: nn.Module | None = None,
+    noise_power: Tensor | None = None,
+    clean_power: Tensor | None = None,
 ) -> StepResult:
     """Noise2Grad losses for one batch (see the module docstring); does not step any optimiser.
 
@@ -429,6 +481,10 @@ def noise2grad_step(
         total_steps: the run's length, for ``options.period_fraction`` (ignored without it).
         extractor: the module whose output gives ``n_hat = x − extractor(x)``; ``None``: F itself.
             The caller applies ``options.freeze_extractor`` by passing its frozen copy of F here.
+        noise_power: (B, bands) the noise power spectrum of each noisy crop's slice (``measured``
+            noise scale only; see `MeasuredNoiseSpectrum`).
+        clean_power: (B, bands) the own noise power spectrum of each clean crop's slice
+            (``measured`` only; see `own_noise_correction`).
 
     Returns:
         `StepResult`; ``grad_loss`` is ``None`` on steps without the gradient loss. G receives a
@@ -441,6 +497,10 @@ def noise2grad_step(
         )
     if options.period_fraction is not None and total_steps is None:
         raise ValueError("options.period_fraction needs the run's total_steps")
+    measured = options.noise_scale == "measured"
+    if measured and (noise_power is None or clean_power is None or len(noise_power) != len(x)
+                     or len(clean_power) != len(y)):
+        raise ValueError("the measured noise scale needs noise_power and clean_power, (B, bands) per crop")
     period = options.period if total_steps is None else options.period_for(total_steps)
     apply_gradient_loss = uses_gradient_loss(step, period, options.update_delay)
 
@@ -452,21 +512,29 @@ def noise2grad_step(
     source = x[: math.ceil(len(x) / options.noise_reuse)]  # the crops whose noise is extracted
     with torch.set_grad_enabled(train_denoiser):
         n_hat = source - (denoiser if extractor is None else extractor)(source)
-    if apply_gradient_loss and options.noise_scale != "learned" and torch.is_grad_enabled():
+    if apply_gradient_loss and options.noise_scale in ("fitted", "spectral") and torch.is_grad_enabled():
         if options.noise_scale == "spectral":
             noise_approximator.fit_(n_hat.detach(), source, options.scale_momentum)
         else:
             fit_noise_scale_(noise_approximator, n_hat.detach(), source, options.scale_momentum)
+    if measured:
+        synthetic_power, correction = own_noise_correction(noise_power, clean_power)
     with torch.set_grad_enabled(train_denoiser or learn_scale):
-        n_tilde = noise_approximator(n_hat)
+        if measured:
+            n_tilde = noise_approximator(n_hat, synthetic_power[: len(source)])
+        else:
+            n_tilde = noise_approximator(n_hat)
     noise = n_tilde.detach().repeat_interleave(options.noise_reuse, dim=0)[: len(y)]
     noise = destroy_details(noise, options, generator)
+    gains = torch.ones(len(noise), 1, 1, 1).to(noise)
     if options.noise_gain > 1:
-        noise = noise * random_noise_gain(len(noise), options.noise_gain, generator).to(noise)
+        gains = random_noise_gain(len(noise), options.noise_gain, generator).to(noise)
+        noise = noise * gains
     x_s = (y + noise).clamp(0, 1)
     x_s_denoised = denoiser(x_s)
+    target = y - band_filter(noise, correction / gains.flatten()[:, None] ** 2) if measured else y
 
-    loss_denoise = denoise_loss(x_s_denoised, y)
+    loss_denoise = denoise_loss(x_s_denoised, target)
     loss_grad = gradient_loss(n_tilde, source) if apply_gradient_loss else None
     trains = loss_grad is not None and loss_grad.requires_grad
     return StepResult(

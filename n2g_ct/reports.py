@@ -128,6 +128,25 @@ def harm_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def self_check_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the reference-free self-checks per method (:mod:`n2g_ct.self_check`)."""
+    header = ["method", "HU shift [HU]", "removed/noise power (worst band)", "edge ratio",
+              "removed / noise std [HU]", "verdict"]
+    rows = []
+    for name, check in summary.get("self_checks", {}).items():
+        verdict = "pass" if check["passed"] else "FAIL: " + "; ".join(check["failures"])
+        rows.append([name, _number(check["hu_shift_hu"], 1, signed=True), _number(check["removed_noise_ratio"], 2),
+                     _number(check["edge_ratio"], 2),
+                     f"{_number(check['removed_std_hu'], 1)} / {_number(check['noise_std_hu'], 1)}", verdict])
+    return header, rows
+
+
+def _number(value: float | None, decimals: int, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+
+
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     cells = [list(header), *rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -136,8 +155,11 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_text(summary: Mapping[str, Any]) -> str:
-    """The image-quality and do-no-harm tables as fixed-width text (for the terminal)."""
-    return f"{_text_table(*summary_table(summary))}\n\n{_text_table(*harm_table(summary))}"
+    """The image-quality, do-no-harm and self-check tables as fixed-width text (for the terminal)."""
+    tables = [summary_table(summary), harm_table(summary)]
+    if summary.get("self_checks"):
+        tables.append(self_check_table(summary))
+    return "\n\n".join(_text_table(*table) for table in tables)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +254,35 @@ def psnr_figure_png(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -
     return png(fig)
 
 
+def self_check_figure_png(self_checks: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """PNG: per method, the power it removes per ring of radial frequency against the input's own noise
+    power (dashed), and their ratio (log scale, the failure limit dotted)."""
+    from n2g_ct.self_check import SelfCheckLimits
+
+    fig = figure(11.0, 4.0)
+    spectra, ratios = fig.subplots(1, 2)
+    noise_drawn = False
+    for name, check in self_checks.items():
+        frequency, noise, removed = (np.asarray(check[k], float) for k in ("frequency_per_px", "noise_nps", "removed_nps"))
+        if not noise_drawn:
+            spectra.plot(frequency, noise, "k--", marker=".", label="input's own noise (uniform ROIs)")
+            noise_drawn = True
+        spectra.plot(frequency, removed, marker=".", label=f"{name}: removed (input − output)")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.plot(frequency, removed / noise, marker=".", label=name)
+    ratios.axhline(SelfCheckLimits().max_removed_noise_ratio, color="red", linestyle=":", label="failure limit")
+    ratios.axhline(1.0, color="black", linewidth=0.8)
+    ratios.set_yscale("log")
+    spectra.set_ylabel("power [HU²·pixel²]")
+    ratios.set_ylabel("removed / noise power")
+    for ax, title in ((spectra, "what each method removes, against the noise"), (ratios, "ratio per band")):
+        ax.set_xlabel("radial frequency [cycles/pixel]")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return png(fig)
+
+
 def nps_figure_png(nps: Mapping[str, Mapping[str, Any]]) -> bytes:
     """PNG: radially averaged NPS of (output − reference) in the uniform ROIs, per method; the
     reference's own ROI NPS dashed."""
@@ -271,6 +322,7 @@ def _protocol_lines(summary: Mapping[str, Any]) -> list[str]:
         f"Uniform ROIs: {rois['rule']}",
         f"Noise std: {protocol['noise_std']}. HU bias: {protocol['hu_bias']}.",
         *(f"{name.capitalize()}: {protocol[name]}." for name in ("bone", "edges") if name in protocol),
+        *([f"Self-checks: {protocol['self_checks']}."] if "self_checks" in protocol else []),
         f"NPS: {protocol['nps']}.",
         f"Denoisers run in {protocol['inference']['precision']} on {protocol['inference']['device']}.",
     ]
@@ -296,6 +348,8 @@ def _figure_list(summary: Mapping[str, Any], examples: Sequence[ExampleSlice]) -
     figures.append(("psnr_per_slice.png", "PSNR per slice"))
     if summary["nps"]:
         figures.append(("nps.png", "Noise power spectrum"))
+    if summary.get("self_checks"):
+        figures.append(("self_checks.png", "Reference-free self-checks: removed power against the input's noise"))
     return figures
 
 
@@ -356,6 +410,8 @@ def _evaluation_sections(summary: Mapping[str, Any]) -> tuple[str, list[Section]
             [Section("Image quality (mean ± std over slices)", *summary_table(summary)),
              Section("Do no harm: errors in soft tissue, bone and at edges (mean ± std over slices)",
                      *harm_table(summary)),
+             *([Section("Reference-free self-checks on the low-dose slices (what n2g-ct denoise checks)",
+                        *self_check_table(summary))] if summary.get("self_checks") else []),
              Section("Methods", lines=_method_lines(summary)),
              Section("Protocol", lines=_protocol_lines(summary))])
 
@@ -382,6 +438,8 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mappi
     pngs.append(psnr_figure_png(rows, methods))
     if summary["nps"]:
         pngs.append(nps_figure_png(summary["nps"]))
+    if summary.get("self_checks"):
+        pngs.append(self_check_figure_png(summary["self_checks"]))
     (out_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     for (name, _), png in zip(figures, pngs):
         (out_dir / FIGURES_DIR / name).write_bytes(png)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
+SELF_CHECK_LOG = "self_check.csv"
 
 
 def _truncate_rows_after(path: Path, step: int) -> None:
@@ -81,10 +82,11 @@ class RunLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        for name in (TRAIN_LOG, VALIDATION_LOG):
+        for name in (TRAIN_LOG, VALIDATION_LOG, SELF_CHECK_LOG):
             _truncate_rows_after(out_dir / name, truncate_after)
         self._train = _CsvLog(out_dir / TRAIN_LOG)
         self._validation = _CsvLog(out_dir / VALIDATION_LOG)
+        self._self_check = _CsvLog(out_dir / SELF_CHECK_LOG)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -114,9 +116,16 @@ class RunLog:
             log.info("step %d validation: %s", row["step"],
                      ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
 
+    def self_check_row(self, row: dict[str, Any]) -> None:
+        """Append one self-check row (must hold ``step``; see :mod:`n2g_ct.self_check`)."""
+        if self.enabled:
+            self._self_check.write(row)
+            self._scalars("self_check", row)
+
     def close(self) -> None:
         if self.enabled:
             self._train.close()
             self._validation.close()
+            self._self_check.close()
             if self._tensorboard is not None:
                 self._tensorboard.close()

@@ -32,7 +32,7 @@ from n2g_ct.checkpoint import load_checkpoint, save_checkpoint
 from n2g_ct.config import to_dict
 from n2g_ct.devices import Processes, init_processes, select_device
 from n2g_ct.errors import ConfigError, InputError
-from n2g_ct.models import SpectralNoiseGain, build_denoiser, build_noise_approximator
+from n2g_ct.models import MeasuredNoiseSpectrum, SpectralNoiseGain, build_denoiser, build_noise_approximator
 from n2g_ct.noise2grad import (
     StepResult,
     noise2grad_step,
@@ -40,13 +40,23 @@ from n2g_ct.noise2grad import (
     supervised_step,
 )
 from n2g_ct.run_log import RunLog
+from n2g_ct.self_check import SelfCheckResult
 from n2g_ct.train_config import TrainConfig
-from n2g_ct.training_data import Validation, build_training_batches, build_validation
+from n2g_ct.training_data import Validation, build_self_check, build_training_batches, build_validation
 
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+
+
+class HarmfulModel(Exception):
+    """F failed ``run.stop_on_harm`` self-checks in a row; a checkpoint of the last step was saved."""
+
+    def __init__(self, step: int, failures: str) -> None:
+        super().__init__(f"stopped after step {step}: the model failed {failures}; checkpoint saved, see "
+                         "self_check.csv")
+        self.step = step
 
 
 class TrainingInterrupted(Exception):
@@ -62,7 +72,8 @@ class TrainingObjective(nn.Module):
     """F and G with the method's step as ``forward``, so DDP sees one forward per optimiser step.
 
     ``forward(batch, step, generator)`` returns ``(loss, StepResult)``; batch keys: ``noisy`` and
-    ``clean`` (Noise2Grad) or ``input`` and ``target`` (supervised, Noise2Noise), (B, C, H, W) in [0, 1].
+    ``clean`` (Noise2Grad) or ``input`` and ``target`` (supervised, Noise2Noise), (B, C, H, W) in [0, 1];
+    with the measured noise scale also ``noise_power`` and ``clean_power``, (B, bands).
     ``total_steps`` (the run's budget, set by the trainer) scales a budget-relative update delay.
     """
 
@@ -76,6 +87,8 @@ class TrainingObjective(nn.Module):
         self.noise_approximator = None
         if self.method.name == "noise2grad" and self.method.noise2grad.noise_scale == "spectral":
             self.noise_approximator = SpectralNoiseGain(model.channels, self.method.noise2grad.extend_low)
+        elif self.method.name == "noise2grad" and self.method.noise2grad.noise_scale == "measured":
+            self.noise_approximator = MeasuredNoiseSpectrum()
         elif self.method.name == "noise2grad":
             fitted = self.method.noise2grad.noise_scale == "fitted"
             # A fitted scale starts from the identity unless told otherwise; the optimiser leaves it alone.
@@ -96,7 +109,8 @@ class TrainingObjective(nn.Module):
             frozen = freeze_step is not None and step >= freeze_step
             result = noise2grad_step(
                 self.denoiser, self.noise_approximator, batch["noisy"], batch["clean"], step,
-                options, generator, self.total_steps, self.extractor if frozen else None,
+                options, generator, self.total_steps, self.extractor if frozen else None, batch.get("noise_power"),
+                batch.get("clean_power"),
             )
         elif name == "supervised":
             result = supervised_step(self.denoiser, batch["input"], batch["target"])
@@ -192,6 +206,8 @@ class _Trainer:
     budget: StepBudget
     step: int = 0
     best_psnr: float = -math.inf
+    self_check: dict[str, Any] | None = None  # the last self-check's values (SelfCheckResult.as_dict)
+    failed_checks: int = 0  # failing self-checks in a row
     lr: float = 0.0  # learning rate of the last step
     elapsed_before_s: float = 0.0  # training time of the run before this process resumed it
     started: float = field(default_factory=time.perf_counter)
@@ -218,6 +234,8 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "best_psnr": self.best_psnr,
+            "self_check": self.self_check,
+            "failed_checks": self.failed_checks,
             "elapsed_s": self.elapsed_s(),
             "total_steps": self.budget.total if self.budget.fixed else None,
             "world_size": self.processes.world_size,
@@ -247,6 +265,8 @@ class _Trainer:
             raise InputError(f"{path}: does not match this run's model or method ({exc})") from None
         self.step = int(state["step"])
         self.best_psnr = float(state["best_psnr"])
+        self.self_check = state.get("self_check")
+        self.failed_checks = int(state.get("failed_checks", 0))
         self.elapsed_before_s = float(state["elapsed_s"])
         if state["total_steps"] is not None:
             self.budget.total, self.budget.fixed = int(state["total_steps"]), True
@@ -267,6 +287,11 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 def _initial_weights(objective: TrainingObjective, path: Path) -> None:
     """Load F's weights from a checkpoint or exported model (``model.init_from``)."""
     state = load_checkpoint(path)
+    residual = bool(state.get("config", {}).get("model", {}).get("residual", False))
+    if residual != objective.denoiser.residual:
+        kind = "a residual U-Net" if residual else "the paper's U-Net (not residual)"
+        raise InputError(f"{path}: its denoiser is {kind}; set model.residual: {str(residual).lower()} to start "
+                         "from it, or train from scratch")
     try:
         objective.denoiser.load_state_dict(state["denoiser"])
     except (KeyError, RuntimeError) as exc:
@@ -329,7 +354,7 @@ def _log_row(trainer: _Trainer, result: StepResult) -> dict[str, float | int | s
     }
     g = trainer.objective.noise_approximator
     if g is not None:
-        row["g_weight"] = float(g.weight.detach().mean())
+        row["g_weight"] = float(g.weight.detach().mean()) if hasattr(g, "weight") else ""
         row["noise_std"] = float(result.images["n_tilde"].float().std())
     return row
 
@@ -351,9 +376,30 @@ def _due(step: int, every: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
+def _self_check(trainer: _Trainer, check: Any, run_log: RunLog) -> str | None:
+    """Run the self-check of F, log it, count failures in a row; what failed once the limit is reached."""
+    result: SelfCheckResult = check(trainer.objective.denoiser)
+    trainer.objective.train()
+    trainer.self_check = result.as_dict()
+    trainer.failed_checks = 0 if result.passed else trainer.failed_checks + 1
+    run_log.self_check_row({"step": trainer.step, "passed": int(result.passed), "hu_shift_hu": result.hu_shift_hu,
+                            "removed_noise_ratio": result.removed_noise_ratio, "edge_ratio": result.edge_ratio,
+                            "noise_std_hu": result.noise_std_hu, "removed_std_hu": result.removed_std_hu,
+                            "failures": "; ".join(result.failures)})
+    if result.passed:
+        log.info("step %d self-check passed: %s", trainer.step, result.describe())
+        return None
+    log.warning("step %d self-check FAILED on the noisy pool (%d in a row): %s", trainer.step,
+                trainer.failed_checks, "; ".join(result.failures))
+    limit = trainer.config.run.stop_on_harm
+    if limit and trainer.failed_checks >= limit:
+        return f"{trainer.failed_checks} self-checks in a row on the noisy pool ({'; '.join(result.failures)})"
+    return None
+
+
 def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: Validation | None,
-          run_log: RunLog, bar: Any, stop: list[int]) -> None:
-    """Steps until the budget: train, log, validate (keeping the best), checkpoint, obey signals."""
+          self_check: Any, run_log: RunLog, bar: Any, stop: list[int]) -> None:
+    """Steps until the budget: train, log, validate (keeping the best), self-check, checkpoint, obey signals."""
     run, budget = trainer.config.run, trainer.budget
     trainer.started = time.perf_counter()
     trainer.objective.train()
@@ -378,6 +424,11 @@ def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: V
             if scores[validation.primary] > trainer.best_psnr:
                 trainer.best_psnr = scores[validation.primary]
                 trainer.save(BEST_CHECKPOINT)
+        if trainer.config.data.images is None and _due(trainer.step, run.self_check_every, last):
+            harmful = _self_check(trainer, self_check, run_log) if self_check is not None else None
+            if _any_rank_flag(harmful is not None, trainer.device, trainer.processes):
+                trainer.save()
+                raise HarmfulModel(trainer.step, harmful or "the self-checks on rank 0")
         if _due(trainer.step, run.checkpoint_every, last):
             trainer.save()
         if _any_rank_stopped(stop, trainer.device, trainer.processes):
@@ -395,6 +446,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM, after saving a checkpoint.
+        HarmfulModel: F failed ``run.stop_on_harm`` self-checks in a row, after saving a checkpoint.
         InputError / ConfigError: bad data, checkpoint or device.
     """
     processes = init_processes(config.run.device)
@@ -412,6 +464,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             "or choose another run.out_dir"
         )
     validation = build_validation(config.data, device) if processes.is_main else None
+    self_check = build_self_check(config, device) if processes.is_main else None
     batches = build_training_batches(config, processes.rank, processes.world_size, first_step=trainer.step + 1)
     show = progress and processes.is_main
     with ExitStack() as stack:
@@ -423,7 +476,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         stack.enter_context(logging_redirect_tqdm())
         bar = stack.enter_context(tqdm(total=trainer.budget.total, initial=trainer.step, disable=not show,
                                        unit="step", dynamic_ncols=True))
-        _loop(trainer, batches, validation, run_log, bar, stop)
+        _loop(trainer, batches, validation, self_check, run_log, bar, stop)
     return checkpoint
 
 
@@ -454,10 +507,15 @@ def _all_ranks_max(value: float, device: torch.device, processes: Processes) -> 
     return float(tensor.item())
 
 
+def _any_rank_flag(flag: bool, device: torch.device, processes: Processes) -> bool:
+    """Whether ``flag`` is set on any process (all ranks must leave the loop together)."""
+    if processes.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value)
+    return bool(value.item())
+
+
 def _any_rank_stopped(stop: list[int], device: torch.device, processes: Processes) -> bool:
     """Whether a stop signal reached any process (all ranks must leave the loop together)."""
-    if processes.world_size == 1:
-        return bool(stop)
-    flag = torch.tensor([1.0 if stop else 0.0], device=device)
-    dist.all_reduce(flag)
-    return bool(flag.item())
+    return _any_rank_flag(bool(stop), device, processes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,8 @@ from n2g_ct.noise2grad import Noise2GradOptions
 from n2g_ct.noise_models import NoiseModel
 
 METHODS = ("noise2grad", "supervised", "noise2noise")
+RESIDUAL_VARIANTS = ("default", "robust")
+"""Noise2Grad variants whose F is a residual U-Net unless ``model.residual`` says otherwise."""
 
 
 def _positive(value: float, what: str) -> None:
@@ -107,7 +110,11 @@ class ModelConfig:
         g_init_scale: start G at weight = scale·identity; ``None``: the paper's random init for a
             learned G, the identity for a fitted one (``method.noise2grad.noise_scale``); unused
             by the spectral G, whose band gains start at 1.
-        residual: F outputs ``x + U-Net(x)``, starting as the identity (not the paper's network).
+        residual: F outputs ``x + U-Net(x)``, starting close to the identity (not the paper's
+            network): it keeps every CT number it does not see reason to change, so where the
+            noise is weak against the anatomy (bone, a head) it cannot shift or blur what it fails
+            to reproduce. ``None``: the method's choice, residual for Noise2Grad's ``default`` and
+            ``robust`` variants, the paper's network for ``faithful`` and the baselines.
         init_from: start F from the weights of this checkpoint or exported model (e.g. the starter
             model, to fine-tune it on one's own scanner's data); its U-Net must have these settings.
     """
@@ -116,7 +123,7 @@ class ModelConfig:
     base_width: int = 32
     depth: int = 3
     g_init_scale: float | None = None
-    residual: bool = False
+    residual: bool | None = None
     init_from: Path | None = None
 
     def __post_init__(self) -> None:
@@ -184,6 +191,12 @@ class RunConfig:
         log_every: steps between log rows.
         checkpoint_every: steps between checkpoints (``last.pt``).
         validate_every: steps between validations (keeps ``best.pt``); 0 disables.
+        self_check_every: steps between the reference-free self-checks of F (:mod:`n2g_ct.self_check`)
+            on slices of the noisy pool (the paired low-dose inputs for the baselines), written to
+            ``self_check.csv`` and warned about when one fails; 0 disables (CT runs only).
+        self_check_slices: slices checked, evenly spaced over the pool.
+        stop_on_harm: stop the run (exit status 1, checkpoint kept) after this many failing
+            self-checks in a row; 0: only warn.
         tensorboard: also write TensorBoard event files (``pip install n2g-ct[tensorboard]``).
     """
 
@@ -195,11 +208,16 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     validate_every: int = 500
+    self_check_every: int = 500
+    self_check_slices: int = 8
+    stop_on_harm: int = 3
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.checkpoint_every < 1 or self.validate_every < 0 or self.threads < 0:
             raise ValueError("log_every and checkpoint_every must be ≥ 1; validate_every and threads ≥ 0")
+        if self.self_check_every < 0 or self.self_check_slices < 1 or self.stop_on_harm < 0:
+            raise ValueError("self_check_every and stop_on_harm must be ≥ 0, self_check_slices ≥ 1")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -216,12 +234,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         data, name = self.data, self.method.name
+        if self.model.residual is None:
+            residual = name == "noise2grad" and self.method.noise2grad.variant in RESIDUAL_VARIANTS
+            object.__setattr__(self, "model", dataclasses.replace(self.model, residual=residual))
         if data.images is not None:
             channels = 3 if data.images.color else 1
             if self.model.channels != channels:
                 raise ValueError(f"data.images.color is {data.images.color}: model.channels must be {channels}")
             if data.noisy or data.clean or data.paired or data.validation or data.manifest is not None:
                 raise ValueError("data.images replaces the CT pools: drop data.noisy/clean/paired/validation/manifest")
+            options = self.method.noise2grad.for_images()
+            if name == "noise2grad" and options.noise_scale == "measured":
+                raise ValueError("the measured noise scale reads the noise in CT slices' uniform soft tissue; for "
+                                 "natural images set method.noise2grad.noise_scale: spectral (or learned, fitted)")
+            object.__setattr__(self, "method", dataclasses.replace(self.method, noise2grad=options))
             return
         if name == "noise2grad" and data.manifest is None and not (data.noisy and data.clean):
             raise ValueError("noise2grad needs data.noisy and data.clean pools (or data.manifest + data.split)")

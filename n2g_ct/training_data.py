@@ -13,10 +13,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from n2g_ct.cache import VolumeCache
-from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream
+from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream, pair_table, slice_pool
 from n2g_ct.inference import Denoiser, denoise_image
 from n2g_ct.manifest import SliceSelection, load_split
 from n2g_ct.metrics import IMAGE_RANGE, WINDOWS, psnr, ssim
+from n2g_ct.models.noise_approx import band_centres
+from n2g_ct.self_check import SelfCheck, SelfCheckResult
 from n2g_ct.train_config import DataConfig, ImageDataConfig, TrainConfig
 from n2g_ct.transforms import Keys
 
@@ -64,6 +66,8 @@ def build_training_batches(
     """
     data = config.data
     keys = ("noisy", "clean") if config.method.name == "noise2grad" else ("input", "target")
+    if _measures_noise(config):
+        keys += ("noise_power", "clean_power")
     if data.images is not None:
         stream = _image_stream(config, rank, world_size, first_step)
     else:
@@ -88,8 +92,14 @@ def _ct_stream(config: TrainConfig, rank: int, world_size: int, first_step: int)
     )
     if config.method.name == "noise2grad":
         noisy, clean = _pools(data)
-        return _rank0_first(rank, world_size, lambda: UnpairedCropStream(noisy, clean, **options))
+        bands = band_centres().numpy() if _measures_noise(config) else None
+        return _rank0_first(rank, world_size, lambda: UnpairedCropStream(noisy, clean, noise_bands=bands, **options))
     return _rank0_first(rank, world_size, lambda: PairedCropStream(data.paired, **options))
+
+
+def _measures_noise(config: TrainConfig) -> bool:
+    """Whether batches carry each noisy crop's measured noise power (Noise2Grad's ``measured`` scale)."""
+    return config.method.name == "noise2grad" and config.method.noise2grad.noise_scale == "measured"
 
 
 @functools.lru_cache(maxsize=2)
@@ -158,3 +168,38 @@ def build_validation(data: DataConfig, device: torch.device) -> Validation | Non
         return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
 
     return Validation(score, "psnr_display", "validation PSNR (dB), window [-160, 240] HU")
+
+
+def build_self_check(config: TrainConfig, device: torch.device) -> Callable[[nn.Module], SelfCheckResult] | None:
+    """The reference-free self-check of F (:mod:`n2g_ct.self_check`) on slices the run learns to denoise.
+
+    The slices: ``run.self_check_slices`` evenly spaced over the noisy pool (Noise2Grad) or the
+    paired low-dose inputs (baselines), whole, denoised as inference does. None for natural-image
+    runs or when ``run.self_check_every`` is 0.
+    """
+    data = config.data
+    if data.images is not None or config.run.self_check_every == 0:
+        return None
+    cache = VolumeCache(data.cache_dir)
+    if config.method.name == "noise2grad":
+        table = slice_pool("self-check slices", _pools(data)[0], cache)
+    else:
+        table = pair_table(data.paired, cache)
+    rows = np.unique(np.linspace(0, len(table) - 1, config.run.self_check_slices).round().astype(int))
+    slices = []
+    for row in rows:
+        volumes, zs = table.row(int(row))
+        volume, z = volumes[0], zs[0]
+        valid = None if volume.padding_mask is None else ~np.asarray(volume.padding_mask[z])
+        slices.append((np.asarray(volume.hu[z], np.float32), valid, (volume.spacing_xyz[1], volume.spacing_xyz[0])))
+
+    def check(network: nn.Module) -> SelfCheckResult:
+        network.eval()
+        denoise = Denoiser(network, data.window_hu, "self-check", device)
+        checker = SelfCheck()
+        for hu, valid, spacing in slices:
+            denoised = denoise(hu[None])[0]
+            checker.add(hu, denoised if valid is None else np.where(valid, denoised, hu), spacing, valid)
+        return checker.result()
+
+    return check

@@ -30,6 +30,24 @@ def tiny_checkpoint(path: Path, *, base_width: int = 4, depth: int = 3, method: 
     return path
 
 
+def identity_checkpoint(path: Path, shift_hu: float = 0.0) -> Path:
+    """A U-Net checkpoint whose network returns its input plus ``shift_hu`` (0: the identity): one
+    channel passed through every layer of the full-resolution path (inputs in [0, 1] survive the
+    ReLUs), everything else zero, the shift as the head's bias. Window [-1024, 3072] HU."""
+    network = build_denoiser(base_width=4, depth=2)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()
+        first, last = network.encoder[0], network.decoder[-1]
+        for conv in (first[0], first[2], last[0], last[2], network.head):
+            conv.weight[0, 0, 1, 1] = 1.0
+        network.head.bias[0] = shift_hu / (WINDOW_HU[1] - WINDOW_HU[0])
+    config = {"data": {"window_hu": list(WINDOW_HU)}, "model": {"channels": 1, "base_width": 4, "depth": 2},
+              "method": {"name": "supervised"}}
+    save_checkpoint({"step": 7, "config": config, "denoiser": network.state_dict()}, path)
+    return path
+
+
 def write_complete_ct_series(folder: Path, hu, **kwargs) -> list[Path]:
     """:func:`factories.write_ct_series` plus the Type 1/2 attributes the CT Image IOD requires,
     so that the source itself passes ``dciodvfy`` without errors."""

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 import n2g_ct.denoise as denoise_module
-from denoise_factories import dciodvfy_errors, tiny_checkpoint, write_complete_ct_series
-from factories import phantom_hu, write_ct_series
+from denoise_factories import dciodvfy_errors, identity_checkpoint, tiny_checkpoint, write_complete_ct_series
+from factories import correlated_noise, phantom_hu, smooth_images, write_ct_series
 from n2g_ct.cli import main
 from n2g_ct.denoise import SUMMARY_NAME, denoise_inputs
 from n2g_ct.io import read_nifti, read_volume
@@ -284,3 +284,38 @@ def test_module_entry_point_runs_denoise(scans, model, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "1 done" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def body_series(tmp_path_factory):
+    """A 3-slice 96² series with soft tissue to check on: a textured disc with 60 HU of correlated noise."""
+    root = tmp_path_factory.mktemp("body")
+    yy, xx = np.mgrid[:96, :96]
+    disc = np.hypot(yy - 48, xx - 48) < 44
+    hu = np.where(disc, 40.0 + smooth_images(3, 96, seed=5, contrast_hu=20.0), -1000.0)
+    write_ct_series(root / "body", np.round(hu + correlated_noise(hu.shape, 60.0, seed=6)))
+    return root / "body"
+
+
+def test_a_model_that_shifts_ct_numbers_is_refused_unless_forced(body_series, tmp_path, capsys):
+    biased = identity_checkpoint(tmp_path / "biased.pt", shift_hu=-25.0)
+    out = tmp_path / "out"
+    assert run_cli(body_series, "--out", out, "--model", biased) == 1
+    printed = capsys.readouterr().out.splitlines()
+    refused = [line for line in printed if line.startswith("refused:")]
+    assert len(refused) == 1 and str(body_series) in refused[0] and "HU shift -25" in refused[0]
+    assert not (out / "body").exists() and not list(out.rglob(".*partial*")), "nothing written for it"
+    row = summary_rows(out)[0]
+    assert row["status"] == "refused" and row["self_check"] == "FAIL" and float(row["hu_shift_hu"]) == pytest.approx(-25, abs=1)
+
+    assert run_cli(body_series, "--out", out, "--model", biased, "--force") == 0
+    row = summary_rows(out)[0]
+    assert row["status"] == "done" and row["self_check"] == "FAIL" and "--force" in row["message"]
+    assert len(list((out / "body").iterdir())) == 3
+
+
+def test_a_model_that_leaves_the_series_alone_passes_the_self_check(body_series, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(body_series, "--out", out, "--model", identity_checkpoint(tmp_path / "same.pt")) == 0
+    row = summary_rows(out)[0]
+    assert row["status"] == "done" and row["self_check"] == "pass" and abs(float(row["hu_shift_hu"])) < 0.5

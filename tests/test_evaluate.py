@@ -13,37 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from denoise_factories import identity_checkpoint
 from factories import correlated_noise, smooth_images, write_ct_series
 
 from n2g_ct import __version__
 from n2g_ct.cache import VolumeCache
-from n2g_ct.checkpoint import file_sha256, save_checkpoint
+from n2g_ct.checkpoint import file_sha256
 from n2g_ct.cli import main
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
 from n2g_ct.manifest import PairSelection
 from n2g_ct.metrics import WINDOWS, ssim
-from n2g_ct.models import build_denoiser
 
 SIZE, SLICES = 64, 3
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-SECRET-42"
 ROI = RoiSettings(size_px=8)
-
-
-def identity_checkpoint(path: Path) -> Path:
-    """A U-Net checkpoint whose network returns its input: one channel passed through every layer
-    of the full-resolution path (inputs in [0, 1] survive the ReLUs), everything else zero."""
-    network = build_denoiser(base_width=4, depth=2)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.zero_()
-        first, last = network.encoder[0], network.decoder[-1]
-        for conv in (first[0], first[2], last[0], last[2], network.head):
-            conv.weight[0, 0, 1, 1] = 1.0
-    config = {"data": {"window_hu": [-1024.0, 3072.0]}, "model": {"channels": 1, "base_width": 4, "depth": 2},
-              "method": {"name": "supervised"}}
-    save_checkpoint({"step": 7, "config": config, "denoiser": network.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +115,9 @@ def test_report_embeds_figures_and_shows_no_patient_data(result):
     out = result.out_dir
     html = (out / "report.html").read_text()
     markdown = (out / "report.md").read_text()
-    assert html.count("data:image/png;base64,") == 4  # two examples, PSNR per slice, NPS
+    assert html.count("data:image/png;base64,") == 5  # two examples, PSNR per slice, NPS, self-checks
     linked = [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]
-    assert len(linked) == 4 and all((out / name).read_bytes().startswith(b"\x89PNG") for name in linked)
+    assert len(linked) == 5 and all((out / name).read_bytes().startswith(b"\x89PNG") for name in linked)
     assert "display [-160, 240] HU, data range 400" in html and "full [-1024, 3072] HU, data range 4096" in markdown
     for name in ("report.html", "report.md", "summary.json", "per_slice.csv"):
         text = re.sub(r"base64,[A-Za-z0-9+/=]+", "", (out / name).read_text())

@@ -9,7 +9,8 @@ import torch
 
 import n2g_ct.noise2grad
 from n2g_ct.losses import gradient_loss
-from n2g_ct.models import SpectralNoiseGain, build_denoiser, build_noise_approximator
+from n2g_ct.models import MeasuredNoiseSpectrum, SpectralNoiseGain, build_denoiser, build_noise_approximator
+from n2g_ct.models.noise_approx import band_filter, band_power
 from n2g_ct.noise2grad import (
     VARIANTS,
     Noise2GradOptions,
@@ -18,6 +19,7 @@ from n2g_ct.noise2grad import (
     fit_noise_scale_,
     noise2grad_step,
     noise2noise_step,
+    own_noise_correction,
     phase_scramble,
     random_noise_gain,
     split_scramble,
@@ -118,10 +120,10 @@ def test_faithful_variant_is_the_paper_and_default_is_the_toolkits():
     assert not FAITHFUL.freezes_extractor
     default = Noise2GradOptions()
     assert (default.variant, default.destruction, default.grad_into_denoiser, default.noise_scale,
-            default.freeze_extractor, default.noise_gain) == ("default", "phase", False, "spectral", 1.0, 1.0)
+            default.freeze_extractor, default.noise_gain) == ("default", "phase", False, "measured", 1.0, 1.0)
     robust = Noise2GradOptions(variant="robust")
-    assert robust == dataclasses.replace(default, variant="robust", freeze_extractor=0.25, noise_gain=3.0)
-    assert robust.freezes_extractor and Noise2GradOptions(variant="robust", freeze_extractor=1.0).freeze_step(100) is None
+    assert robust == dataclasses.replace(default, variant="robust", noise_gain=3.0)
+    assert Noise2GradOptions(variant="robust", freeze_extractor=0.25).freeze_step(100) == 25
     assert Noise2GradOptions(variant="faithful", destruction="phase").destruction == "phase"  # set ones override
     assert set(VARIANTS) == {"default", "faithful", "robust"}
 
@@ -367,9 +369,9 @@ def test_fitted_scale_recovers_the_amplitude_of_partially_removed_noise():
     assert float(approximator.bias.detach()) == 0.0
 
 
-def test_default_variant_trains_the_denoiser_on_synthetic_pairs_only(batch):
+def test_spectral_scale_without_grad_into_denoiser_trains_on_synthetic_pairs_only(batch):
     """With ``grad_into_denoiser`` off, F's gradient is that of the denoising loss, and G gets none."""
-    options = Noise2GradOptions(period=3)
+    options = Noise2GradOptions(period=3, noise_scale="spectral")
     denoiser, approximator = build_denoiser(base_width=4, depth=2), SpectralNoiseGain(1)
     x, y = batch
     result = noise2grad_step(denoiser, approximator, x, y, 4, options, torch.Generator().manual_seed(0))
@@ -563,3 +565,55 @@ def test_spectral_gain_fits_the_mean_over_processes_under_ddp(tmp_path):
         for name in ("cross", "power"):
             expected = (getattr(alone[0], name) + getattr(alone[1], name)) / 2
             torch.testing.assert_close(fitted[name][0, 1:], expected[0, 1:])  # band 0 of 16² crops is empty
+
+
+def test_measured_spectrum_gives_each_crop_its_target_power_per_band():
+    generator = torch.Generator().manual_seed(0)
+    n_hat = torch.randn(3, 1, 64, 64, generator=generator) * torch.tensor([1.0, 0.1, 5.0]).view(3, 1, 1, 1)
+    target = torch.rand(3, SpectralNoiseGain.BANDS, generator=generator) * 1e-4
+    shaped = MeasuredNoiseSpectrum()(n_hat, target)
+    torch.testing.assert_close(band_power(shaped)[:, 0], target, rtol=1e-3, atol=1e-9)
+    assert shaped.mean(dim=(-2, -1)).abs().max() < 1e-6, "no mean: the zero frequency gets no power"
+
+
+def test_own_noise_correction_makes_the_target_uncorrelated_with_the_noise_in_the_input():
+    """With y = s + e (own noise, power E_e) and z = y + n (power E_n), the corrected target
+    y − (E_e/E_n)·n differs from s by noise uncorrelated with z, so F fitted to it estimates s; the
+    plain target y keeps a share of the input's noise."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (64, 1, 32, 32)
+    e = torch.randn(shape, generator=generator) * 0.03
+    n = torch.randn(shape, generator=generator) * 0.05
+    bands = SpectralNoiseGain.BANDS
+    power, correction = own_noise_correction(torch.full((64, bands), 0.05**2 + 0.03**2), torch.full((64, bands), 0.03**2))
+    torch.testing.assert_close(power, torch.full_like(power, 0.05**2))
+    target_noise = e - band_filter(n, correction)  # t − s
+    input_noise = e + n  # z − s
+    def correlation(a, b):
+        return float((a * b).mean() / (a.std() * b.std()))
+    assert abs(correlation(target_noise, input_noise)) < 0.02
+    assert correlation(e, input_noise) > 0.4, "the plain target's noise follows the input's"
+
+
+def test_own_noise_correction_leaves_bands_the_clean_image_is_too_noisy_for():
+    power, correction = own_noise_correction(torch.tensor([[1.0, 1.2, 3.0]]), torch.tensor([[1.0, 1.0, 1.0]]))
+    assert power.tolist() == [[0.0, 0.0, 2.0]] and correction.tolist() == [[0.0, 0.0, 0.5]]
+
+
+def test_the_measured_step_trains_on_corrected_targets_and_needs_the_noise_powers(batch):
+    x, y = batch
+    y = 0.2 + 0.6 * y  # away from 0 and 1, so that the synthetic image is not clipped
+    options = Noise2GradOptions()
+    denoiser, approximator = build_denoiser(base_width=4, depth=2, residual=True), MeasuredNoiseSpectrum()
+    bands = SpectralNoiseGain.BANDS
+    noisy_power, clean_power = torch.full((2, bands), 4e-4), torch.full((2, bands), 1e-4)
+    with pytest.raises(ValueError, match="needs noise_power and clean_power"):
+        noise2grad_step(denoiser, approximator, x, y, 1, options, torch.Generator().manual_seed(0))
+    result = noise2grad_step(denoiser, approximator, x, y, 1, options, torch.Generator().manual_seed(0),
+                             noise_power=noisy_power, clean_power=clean_power)
+    torch.testing.assert_close(band_power(result.images["n_tilde"])[:, 0, 1:], torch.full((2, bands - 1), 3e-4),
+                               rtol=1e-3, atol=1e-9)
+    noise = result.images["x_s"] - y
+    target = y - band_filter(noise, torch.full((2, bands), 1 / 3))
+    expected = ((denoiser(result.images["x_s"]) - target) ** 2).mean()
+    torch.testing.assert_close(result.denoise_loss, expected.detach())

@@ -15,13 +15,16 @@ import torch
 import yaml
 
 import n2g_ct.train as train_module
+from denoise_factories import identity_checkpoint
 from factories import correlated_noise, smooth_images, write_ct_series
 from n2g_ct.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from n2g_ct.config import from_dict
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.metrics import DISPLAY_WINDOW, psnr
 from n2g_ct.noise2grad import uses_gradient_loss
-from n2g_ct.train import TrainingInterrupted, train
+from n2g_ct.self_check import SelfCheckResult
+from n2g_ct.train import HarmfulModel, TrainingInterrupted, train
+from n2g_ct.training_data import build_self_check
 from n2g_ct.train_config import TrainConfig
 
 SIZE = 48
@@ -152,8 +155,9 @@ def test_checkpoint_is_safe_to_load_and_complete(synthetic, tmp_path):
     path = tmp_path / "run" / "checkpoints" / "last.pt"
     state = torch.load(path, weights_only=True)
     assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 3
-    for key in ("denoiser", "noise_approximator", "optimizer", "scheduler", "config", "versions"):
+    for key in ("denoiser", "optimizer", "scheduler", "config", "versions"):
         assert state[key], key
+    assert state["noise_approximator"] == {}, "the measured noise scale has no state to save"
     assert state["config"]["model"]["base_width"] == 8
     assert not list(path.parent.glob(".*.tmp"))  # no temp file left behind
 
@@ -196,6 +200,9 @@ def test_fine_tuning_starts_from_the_given_models_weights(synthetic, tmp_path):
     with pytest.raises(InputError, match="model.pt: its denoiser does not fit"):
         train(make_config(synthetic, tmp_path / "wide", model={"base_width": 16, "init_from": str(exported)}),
               progress=False)
+    with pytest.raises(InputError, match="model.pt: its denoiser is a residual U-Net; set model.residual: true"):
+        train(make_config(synthetic, tmp_path / "paper", model={"base_width": 8, "residual": False,
+                                                                 "init_from": str(exported)}), progress=False)
 
 
 def test_damaged_foreign_or_missing_checkpoints_get_clear_errors(synthetic, tmp_path):
@@ -382,3 +389,35 @@ def test_step_time_benchmark_times_each_variant_against_the_first(synthetic, tmp
     monkeypatch.setattr(sys, "argv", ["step_time", str(config), "--variant", "method.noise2grad.noise_reuse=0"])
     with pytest.raises(ConfigError, match="noise_reuse"):
         step_time_main()
+
+
+def test_the_training_self_check_catches_a_biased_network_on_the_noisy_pool(synthetic, tmp_path):
+    from n2g_ct.inference import network_from_checkpoint
+
+    config = make_config(synthetic, tmp_path / "run", run={"self_check_slices": 4}, data={"window_hu": [-1024, 3072]})
+    check = build_self_check(config, torch.device("cpu"))
+    fine = check(network_from_checkpoint(load_checkpoint(identity_checkpoint(tmp_path / "same.pt"))))
+    biased = check(network_from_checkpoint(load_checkpoint(identity_checkpoint(tmp_path / "biased.pt", -30.0))))
+    assert fine.passed and fine.slices == 4
+    assert not biased.passed and biased.hu_shift_hu == pytest.approx(-30.0, abs=1.5)
+
+
+def test_training_logs_self_checks_and_stops_after_failing_ones_in_a_row(synthetic, tmp_path, monkeypatch):
+    verdicts = iter([True, False, False, False])
+
+    def fake_build(config, device):
+        def check(network):
+            passed = next(verdicts)
+            return SelfCheckResult(4, 0.0 if passed else -40.0, 9, (0.1,), (1.0,), (1.0,), 10.0, 10.0, 1.0, 1.0,
+                                   () if passed else ("HU shift -40.0 HU in uniform soft tissue (limit ±5 HU)",))
+        return check
+
+    monkeypatch.setattr(train_module, "build_self_check", fake_build)
+    config = make_config(synthetic, tmp_path / "run", optim={"steps": 12},
+                         run={"self_check_every": 2, "stop_on_harm": 3})
+    with pytest.raises(HarmfulModel, match="failed 3 self-checks in a row .*HU shift -40"):
+        train(config, progress=False)
+    rows = read_rows(tmp_path / "run" / "self_check.csv")
+    assert [(int(r["step"]), int(r["passed"])) for r in rows] == [(2, 1), (4, 0), (6, 0), (8, 0)]
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["failed_checks"] == 3 and not state["self_check"]["passed"]

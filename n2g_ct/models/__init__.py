@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from n2g_ct.models.noise_approx import NoiseApproximator, SpectralNoiseGain
+from n2g_ct.models.noise_approx import MeasuredNoiseSpectrum, NoiseApproximator, SpectralNoiseGain
 from n2g_ct.models.unet import UNet
 
 __all__ = [
     "OFFICIAL_INIT_STD",
+    "MeasuredNoiseSpectrum",
     "STARTER_MODEL",
     "NoiseApproximator",
     "SpectralNoiseGain",
@@ -58,11 +59,11 @@ def build_denoiser(
 ) -> UNet:
     """The noise-removal U-Net F with the official initialisation (see `UNet` for the arguments).
 
-    A residual U-Net gets a zero head, so that it starts as the identity.
+    A residual U-Net starts close to the identity (its head's weights are small), not at it: the
+    removed image ``x − F(x)`` must not be exactly zero at the start, since Noise2Grad shapes it
+    into the synthetic noise.
     """
     network = official_init_(UNet(in_channels, out_channels, base_width, depth, residual))
-    if residual:
-        nn.init.zeros_(network.head.weight)
     return network
 
 

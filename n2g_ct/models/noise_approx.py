@@ -129,3 +129,63 @@ class SpectralNoiseGain(nn.Module):
         self.power.mul_(1 - weight).add_(weight * means[1].to(self.power))
         self.fits += 1
         return (means[0].clamp_min(0) / means[1].clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+
+
+def band_centres(bands: int | None = None) -> Tensor:
+    """(bands,) centre radial frequency of each band of :class:`SpectralNoiseGain`, cycles/pixel."""
+    bands = SpectralNoiseGain.BANDS if bands is None else bands
+    return (torch.arange(bands, dtype=torch.float64) + 0.5) / bands * math.sqrt(0.5)
+
+
+def band_power(noise: Tensor) -> Tensor:
+    """(B, C, bands) mean ``|rfft2|² / (H·W)`` of each image over the coefficients of each band of
+    :class:`SpectralNoiseGain` (the zero frequency left out): a noise power spectrum per image.
+
+    >>> white = torch.randn(16, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 3
+    >>> bool(((band_power(white).mean(0) / 9 - 1).abs() < 0.15).all())  # flat at the variance
+    True
+    """
+    height, width = noise.shape[-2:]
+    bands = SpectralNoiseGain.band_index(height, width, noise.device).flatten()
+    keep = bands >= 0
+    power = torch.fft.rfft2(noise.float()).abs().square().flatten(2)[..., keep] / (height * width)
+    sums = torch.zeros(*power.shape[:2], SpectralNoiseGain.BANDS, device=noise.device)
+    sums.scatter_add_(2, bands[keep].expand_as(power), power)
+    return sums / torch.bincount(bands[keep], minlength=SpectralNoiseGain.BANDS).clamp_min(1)
+
+
+def band_filter(image: Tensor, gains: Tensor) -> Tensor:
+    """Multiply each band of :class:`SpectralNoiseGain` of each image by its gain; the zero frequency by 0.
+
+    Args:
+        image: (B, C, H, W).
+        gains: (B, bands) or (B, C, bands).
+
+    Returns:
+        (B, C, H, W), same dtype.
+    """
+    height, width = image.shape[-2:]
+    bands = SpectralNoiseGain.band_index(height, width, image.device)
+    gains = gains.to(image.device, torch.float32)
+    gains = gains[:, None, :] if gains.ndim == 2 else gains
+    gain_map = gains[..., bands.clamp_min(0)] * (bands >= 0)  # (B, C or 1, H, W//2+1)
+    return torch.fft.irfft2(torch.fft.rfft2(image.float()) * gain_map, s=(height, width)).to(image.dtype)
+
+
+class MeasuredNoiseSpectrum(nn.Module):
+    """G that gives each crop's extracted noise, band by band, a noise power measured before training.
+
+    The target comes from the noise power spectra of the crops' slices, measured in their uniform
+    soft-tissue ROIs without F (:func:`n2g_ct.data.pool_noise_power`): the level cannot drift with F,
+    nor be inflated by anatomy that F removes (edges, contrast), which is where an estimate from the
+    removed image fails when the noisy pool differs from the clean one. The removed image ``n_hat``
+    supplies the rest: its texture within each band (streak directions), then scrambled.
+
+    Shapes:
+        forward(n_hat (B, C, H, W), target (B, bands)) → (B, C, H, W): per image and band,
+        ``|rfft2|² / (H·W)`` averages ``target`` (zero mean; the units of the target).
+    """
+
+    def forward(self, n_hat: Tensor, target: Tensor) -> Tensor:
+        power = band_power(n_hat).clamp_min(torch.finfo(torch.float32).tiny)
+        return band_filter(n_hat, (target.to(power)[:, None, :] / power).sqrt())
