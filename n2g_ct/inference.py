@@ -87,10 +87,11 @@ def network_from_checkpoint(state: Mapping[str, Any], source: str = "checkpoint"
         model = state["config"]["model"]
         channels, base_width, depth = int(model["channels"]), int(model["base_width"]), int(model["depth"])
         residual = bool(model.get("residual", False))
+        local_mean_px = float(model.get("local_mean_px", 0.0))
         weights = state["denoiser"]
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{source}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
-    network = build_denoiser(channels, channels, base_width, depth, residual)
+    network = build_denoiser(channels, channels, base_width, depth, residual, local_mean_px)
     try:
         network.load_state_dict(weights)
     except RuntimeError as exc:

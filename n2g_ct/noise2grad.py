@@ -46,7 +46,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from torch import Tensor, nn
 
 from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
-from n2g_ct.models.noise_approx import band_filter, rfft2_radial_frequency
+from n2g_ct.models.noise_approx import SpectralNoiseGain, band_filter, rfft2_radial_frequency
 
 DESTRUCTIONS = ("sign", "phase", "envelope", "split")
 SPLIT_CUTOFF = 0.125
@@ -58,11 +58,11 @@ NOISE_SCALES = ("learned", "fitted", "spectral", "measured")
 
 VARIANTS: dict[str, dict[str, object]] = {
     "faithful": {"destruction": "sign", "grad_into_denoiser": True, "noise_scale": "learned",
-                 "freeze_extractor": 1.0, "noise_gain": 1.0},
+                 "freeze_extractor": 1.0, "noise_gain": 1.0, "self_pairs": False},
     "default": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "measured",
-                "freeze_extractor": 1.0, "noise_gain": 1.0},
+                "freeze_extractor": 1.0, "noise_gain": 1.0, "self_pairs": True},
     "robust": {"destruction": "phase", "grad_into_denoiser": False, "noise_scale": "measured",
-               "freeze_extractor": 1.0, "noise_gain": 3.0},
+               "freeze_extractor": 1.0, "noise_gain": 3.0, "self_pairs": True},
 }
 """The choices each variant makes for the options left unset (see `Noise2GradOptions`)."""
 
@@ -121,6 +121,9 @@ class Noise2GradOptions:
             (CT noise varies along the body; the slices to denoise may be noisier than the pool).
             The mean noise power grows by ``E[g²] = (r² − r⁻²) / (4 ln r)``: 1.35 at 2, 2.02 at 3.
             1 (paper, ``default``): no gain; ``robust``: 3.
+        self_pairs: ``measured`` scale only: a sample whose clean crop is too noisy to carry the
+            noisy crop's noise (see `self_paired`) is trained on the noisy crop itself, with
+            recorrupted pairs; ``False`` leaves such samples' noise at what the clean crop allows.
         noise_reuse: ``k`` ≥ 1: the noise is extracted from only the first ``⌈B/k⌉`` noisy crops of
             a batch of B, and each extracted noise feeds ``k`` synthetic pairs (each with its own
             detail destruction and gain). The extraction forward of F costs about a quarter of a
@@ -141,6 +144,7 @@ class Noise2GradOptions:
     freeze_extractor: float | None = None
     extend_low: bool = True
     noise_reuse: int = 1
+    self_pairs: bool | None = None
     from_variant: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The options that took the variant's value (left unset)."""
 
@@ -153,7 +157,9 @@ class Noise2GradOptions:
         object.__setattr__(self, "from_variant", unset)
         _require_positive_int(self.period, "Noise2GradOptions.period (optimiser steps)")
         _require_positive_int(self.noise_reuse, "Noise2GradOptions.noise_reuse (synthetic pairs per extracted noise)")
-        for name in ("detail_destruction", "update_delay", "grad_into_denoiser", "extend_low"):
+        if self.noise_scale == "measured" and self.noise_reuse > 1:
+            raise ValueError("Noise2GradOptions.noise_reuse > 1 does not combine with the measured noise scale")
+        for name in ("detail_destruction", "update_delay", "grad_into_denoiser", "extend_low", "self_pairs"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"Noise2GradOptions.{name} must be true or false, got {value!r}")
@@ -385,6 +391,11 @@ least this multiple of the clean slice's own; below it, the clean image is too n
 band (the corrected target would be mostly noise), and the band is left alone."""
 
 
+MIN_SYNTHETIC_SHARE = 0.5
+"""With ``self_pairs``, a sample whose clean crop can carry less than this share of the noisy crop's
+noise power (summed over its Fourier coefficients) is trained on the noisy crop itself instead."""
+
+
 def own_noise_correction(noise_power: Tensor, clean_power: Tensor) -> tuple[Tensor, Tensor]:
     """Synthetic noise power and target correction per crop and band for the measured noise scale.
 
@@ -413,6 +424,24 @@ def own_noise_correction(noise_power: Tensor, clean_power: Tensor) -> tuple[Tens
     correction = torch.where(usable, clean_power / power.clamp_min(torch.finfo(torch.float32).tiny),
                              torch.zeros_like(noise_power))
     return power, correction
+
+
+def self_paired(noise_power: Tensor, synthetic_power: Tensor, band_counts: Tensor) -> Tensor:
+    """(B,) bool: the samples whose clean crop carries less than :data:`MIN_SYNTHETIC_SHARE` of the
+    noisy crop's noise power (a noisy pool less noisy than the clean pool's own noise).
+
+    Such a sample is trained on its noisy crop ``x`` itself (own noise ``E_x``): synthetic noise of
+    power ``E_x`` and the target ``x − n`` (:func:`own_noise_correction` with ``E_e = E_n = E_x``),
+    the recorrupted pairs of Pang et al. (CVPR 2021): F learns that slice's anatomy at twice its noise
+    power, from no other image.
+
+    Args:
+        noise_power, synthetic_power: (B, bands) ``E_x`` and the ``E_n`` a clean crop allows.
+        band_counts: (bands,) Fourier coefficients per band (the weights of the power sums).
+    """
+    weights = band_counts.to(noise_power)
+    share = (synthetic_power * weights).sum(1) / (noise_power * weights).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+    return share < MIN_SYNTHETIC_SHARE
 
 
 def random_noise_gain(batch: int, max_gain: float, generator: torch.Generator) -> Tensor:
@@ -519,6 +548,13 @@ def noise2grad_step(
             fit_noise_scale_(noise_approximator, n_hat.detach(), source, options.scale_momentum)
     if measured:
         synthetic_power, correction = own_noise_correction(noise_power, clean_power)
+        if options.self_pairs:
+            counts = torch.bincount(SpectralNoiseGain.band_index(*x.shape[-2:], x.device).flatten().clamp_min(0),
+                                    minlength=SpectralNoiseGain.BANDS)
+            own = self_paired(noise_power, synthetic_power, counts)
+            synthetic_power = torch.where(own[:, None], noise_power, synthetic_power)
+            correction = torch.where(own[:, None], torch.ones_like(correction), correction)
+            y = torch.where(own[:, None, None, None], x, y)
     with torch.set_grad_enabled(train_denoiser or learn_scale):
         if measured:
             n_tilde = noise_approximator(n_hat, synthetic_power[: len(source)])

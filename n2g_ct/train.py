@@ -83,7 +83,8 @@ class TrainingObjective(nn.Module):
         super().__init__()
         model = config.model
         self.method = config.method
-        self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth, model.residual)
+        self.denoiser = build_denoiser(model.channels, model.channels, model.base_width, model.depth, model.residual,
+                                       model.local_mean_px)
         self.noise_approximator = None
         if self.method.name == "noise2grad" and self.method.noise2grad.noise_scale == "spectral":
             self.noise_approximator = SpectralNoiseGain(model.channels, self.method.noise2grad.extend_low)

@@ -115,6 +115,10 @@ class ModelConfig:
             noise is weak against the anatomy (bone, a head) it cannot shift or blur what it fails
             to reproduce. ``None``: the method's choice, residual for Noise2Grad's ``default`` and
             ``robust`` variants, the paper's network for ``faithful`` and the baselines.
+        local_mean_px: residual F only: σ, pixels, of the Gaussian local average taken out of F's
+            residual, so that F changes detail but never the image's local mean at scales beyond
+            about twice that (no CT-number shift, no flattening of large structures; see `UNet`).
+            0: the plain residual.
         init_from: start F from the weights of this checkpoint or exported model (e.g. the starter
             model, to fine-tune it on one's own scanner's data); its U-Net must have these settings.
     """
@@ -124,11 +128,14 @@ class ModelConfig:
     depth: int = 3
     g_init_scale: float | None = None
     residual: bool | None = None
+    local_mean_px: float = 8.0
     init_from: Path | None = None
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.base_width < 1 or self.depth < 1:
             raise ValueError("channels, base_width and depth must be ≥ 1")
+        if self.local_mean_px < 0:
+            raise ValueError(f"local_mean_px must be ≥ 0 pixels, got {self.local_mean_px}")
 
 
 @dataclass(frozen=True)

@@ -179,3 +179,34 @@ def test_residual_denoiser_starts_close_to_the_identity_but_removes_something():
     assert 0 < removed.abs().max() < 0.01  # in [0, 1] units: under 41 HU of a 4096 HU window
     with pytest.raises(ValueError, match="residual UNet needs out_channels == in_channels"):
         build_denoiser(1, 3, residual=True)
+
+
+def _residual_pair(busy: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A plain residual U-Net whose head adds 0.05 (205 HU) everywhere, and the same weights with a
+    local-mean-free residual; ``busy``: random convolutions, else all-zero weights."""
+    plain = build_denoiser(1, 1, base_width=4, depth=2, residual=True)
+    for layer in plain.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(layer.weight) if busy else torch.nn.init.zeros_(layer.weight)
+    with torch.no_grad():
+        plain.head.bias.fill_(0.05)
+    constrained = build_denoiser(1, 1, base_width=4, depth=2, residual=True, local_mean_px=4.0)
+    constrained.load_state_dict(plain.state_dict())
+    return plain, constrained
+
+
+def test_local_mean_residual_cannot_shift_ct_numbers_but_still_changes_detail():
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        plain, constrained = _residual_pair(busy=False)
+        assert torch.allclose(plain(image) - image, torch.full_like(image, 0.05), atol=1e-6)
+        assert (constrained(image) - image).abs().max() < 1e-6  # the 205 HU shift is gone
+        small = image[..., :8, :8]  # smaller than the Gaussian's support
+        assert (constrained(small) - small).abs().max() < 1e-6
+        plain, constrained = _residual_pair(busy=True)
+        detail = plain(image) - image
+        kept = constrained(image) - image
+    assert torch.corrcoef(torch.stack([kept.flatten(), detail.flatten()]))[0, 1] > 0.8  # fine detail passes
+    with pytest.raises(ValueError, match="local_mean_px"):
+        build_denoiser(1, 1, residual=True, local_mean_px=-1.0)

@@ -20,6 +20,7 @@ from n2g_ct.noise2grad import (
     noise2grad_step,
     noise2noise_step,
     own_noise_correction,
+    self_paired,
     phase_scramble,
     random_noise_gain,
     split_scramble,
@@ -617,3 +618,21 @@ def test_the_measured_step_trains_on_corrected_targets_and_needs_the_noise_power
     target = y - band_filter(noise, torch.full((2, bands), 1 / 3))
     expected = ((denoiser(result.images["x_s"]) - target) ** 2).mean()
     torch.testing.assert_close(result.denoise_loss, expected.detach())
+
+
+def test_a_clean_pool_noisier_than_the_noisy_crop_gives_recorrupted_pairs_of_the_noisy_crop(batch):
+    x, y = batch
+    x = 0.2 + 0.6 * x
+    bands = SpectralNoiseGain.BANDS
+    counts = torch.ones(bands)
+    weak, strong = torch.full((2, bands), 1e-4), torch.full((2, bands), 9e-4)
+    assert self_paired(weak, own_noise_correction(weak, strong)[0], counts).all()
+    assert not self_paired(strong, own_noise_correction(strong, weak)[0], counts).any()
+    options = Noise2GradOptions(self_pairs=True)
+    denoiser = build_denoiser(base_width=4, depth=2, residual=True)
+    result = noise2grad_step(denoiser, MeasuredNoiseSpectrum(), x, y, 1, options, torch.Generator().manual_seed(0),
+                             noise_power=weak, clean_power=strong)
+    noise = result.images["x_s"] - x  # the noisy crop itself, recorrupted
+    torch.testing.assert_close(band_power(noise)[:, 0, 1:], weak[:, 1:], rtol=1e-3, atol=1e-9)
+    expected = ((denoiser(result.images["x_s"]) - (x - noise)) ** 2).mean()
+    torch.testing.assert_close(result.denoise_loss, expected.detach(), rtol=1e-4, atol=1e-7)

@@ -194,6 +194,9 @@ def test_fine_tuning_starts_from_the_given_models_weights(synthetic, tmp_path):
                               optim={"steps": 1, "lr": 1e-12}), progress=False)
     start, after = load_checkpoint(first)["denoiser"], load_checkpoint(tuned)["denoiser"]
     assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+    from n2g_ct.inference import network_from_checkpoint
+
+    assert network_from_checkpoint(load_checkpoint(tuned)).local_mean_px == 8.0  # the default, carried to inference
     fresh = load_checkpoint(train(make_config(synthetic, tmp_path / "fresh", optim={"steps": 1, "lr": 1e-12}),
                                   progress=False))["denoiser"]
     assert not all(torch.allclose(start[k], fresh[k], atol=1e-6) for k in start)
@@ -301,15 +304,18 @@ def test_noise_scale_benchmark_compares_synthesised_and_true_noise(synthetic, tm
     spectrum = true_noise_spectrum(reference + noise, reference, crop=16, crops=2048)
     np.testing.assert_allclose(spectrum[~np.isnan(spectrum)], 900.0, rtol=0.2)
 
-    run = tmp_path / "run"
+    run, measured = tmp_path / "run", tmp_path / "measured"
     train(make_config(synthetic, run, optim={"steps": 6}, method={"noise2grad": {"period": 4, "noise_scale": "spectral"}},
                       run={"validate_every": 3}), progress=False)
+    train(make_config(synthetic, measured, optim={"steps": 6}), progress=False)
     figure = tmp_path / "noise.png"
-    noise_scale_main(["--run", f"default={run}", "--low-dose", str(synthetic / "test_low"),
-                      "--reference", str(synthetic / "test_ref"), "--out", str(figure)])
+    pair = ["--pair", str(synthetic / "test_low"), str(synthetic / "test_ref")]
+    noise_scale_main(["--run", f"spectral={run}", "--run", f"measured={measured}", *pair, "0:2", *pair, "2:",
+                      "--out", str(figure)])
     printed = capsys.readouterr().out
     assert figure.read_bytes().startswith(b"\x89PNG")
-    assert "| default | 6 |" in printed and "true noise std on slices" in printed
+    assert "| spectral | 6 |" in printed and "| measured | 6 | – |" in printed
+    assert "true noise std on slices 0:2, 2:" in printed
 
 
 def test_the_frozen_extractor_is_f_at_the_freeze_step_and_survives_a_resume(synthetic, tmp_path, monkeypatch):
@@ -378,13 +384,13 @@ def test_step_time_benchmark_times_each_variant_against_the_first(synthetic, tmp
 
     config = write_yaml(make_config(synthetic, tmp_path / "run"), tmp_path / "config.yaml")
     monkeypatch.setattr(sys, "argv", ["step_time", str(config), "--variant", "",
-                                      "--variant", "method.noise2grad.noise_reuse=2;optim.batch_size=4",
+                                      "--variant", "model.base_width=4;optim.batch_size=4",
                                       "--steps", "3", "--warmup", "1"])
     step_time_main()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("as configured: median ") and lines[0].endswith("12 steps in the time of 12 of the first")
-    assert lines[1].startswith("method.noise2grad.noise_reuse=2;optim.batch_size=4: median ")
+    assert lines[1].startswith("model.base_width=4;optim.batch_size=4: median ")
     assert not (tmp_path / "run").exists()  # timing writes no run directory
     monkeypatch.setattr(sys, "argv", ["step_time", str(config), "--variant", "method.noise2grad.noise_reuse=0"])
     with pytest.raises(ConfigError, match="noise_reuse"):

@@ -1,12 +1,14 @@
 """Noise2Grad's synthesised noise level over training against the true noise level, and learning curves.
 
     python -m n2g_ct.benchmarks.noise_scale --run default=RUN_DIR --run faithful=RUN_DIR \\
-        --low-dose LOW_DOSE_SERIES --reference REFERENCE_SERIES --slices 110:141 --out FIGURE.png
+        --pair LOW_DOSE_SERIES REFERENCE_SERIES 0:60 [--pair ...] --out FIGURE.png
 
 Reads each run's ``train_log.csv`` (``noise_std``: the std of ``n_tilde`` over the batch, in network
-units; ``g_weight``: G's mean weight) and ``validation.csv``. The true noise is measured *after* the
-fact, on paired test slices the runs never trained on: the std of (low dose − reference) over random
-crops of the training crop size, in HU, pooled like the training log's batch std. Writes one
+units; ``g_weight``: G's mean weight, for a learned, fitted or spectral G) and ``validation.csv``.
+The true noise is measured *after* the fact, with references the runs never saw: the std of
+(low dose − reference) over random crops of the training crop size, in HU, pooled like the
+training log's batch std, over the slices of every ``--pair`` (``START:STOP[:STEP]``, e.g. the
+noisy pool's slices). Writes one
 figure (synthesised noise std in HU and G's weight against steps, validation PSNR against steps
 and minutes; for runs with a ``spectral`` noise scale also the noise power per frequency band that
 G synthesises, against the true one and the residual's own) and prints a table of the last logged values.
@@ -24,6 +26,7 @@ import torch
 from n2g_ct.checkpoint import load_checkpoint
 from n2g_ct.io import read_volume
 from n2g_ct.models import SpectralNoiseGain
+from n2g_ct.models.noise_approx import band_centres
 from n2g_ct.reports import figure, png
 
 
@@ -73,6 +76,9 @@ def _spectral_gain(run_dir: Path) -> SpectralNoiseGain | None:
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV log; none when the run did not write it (no validation)."""
+    if not path.is_file():
+        return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -86,9 +92,8 @@ def _window_width_hu(run_dir: Path) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a training run folder")
-    parser.add_argument("--low-dose", type=Path, required=True)
-    parser.add_argument("--reference", type=Path, required=True)
-    parser.add_argument("--slices", default=":", help="test slices as START:STOP (default: all)")
+    parser.add_argument("--pair", nargs=3, action="append", required=True, metavar=("LOW_DOSE", "REFERENCE", "SLICES"),
+                        help="paired series and their slices as START:STOP[:STEP] (':' for all); repeatable")
     parser.add_argument("--out", type=Path, required=True, help="figure (PNG)")
     args = parser.parse_args(argv)
 
@@ -96,27 +101,34 @@ def main(argv: list[str] | None = None) -> None:
     for name, folder in runs.items():
         if not name or not (folder / "train_log.csv").is_file() or not (folder / "checkpoints" / "last.pt").is_file():
             parser.error(f"--run {name}={folder}: expected NAME=RUN_DIR, a folder written by n2g-ct train")
-    start, _, stop = args.slices.partition(":")
-    chosen = slice(int(start) if start else None, int(stop) if stop else None)
     width_hu, crop = _window_width_hu(next(iter(runs.values())))
-    low_dose, reference = read_volume(args.low_dose).hu[chosen], read_volume(args.reference).hu[chosen]
+    lows, references = [], []
+    for low_path, reference_path, text in args.pair:
+        chosen = slice(*(int(v) if v else None for v in text.split(":")))
+        low, reference = read_volume(Path(low_path)).hu[chosen], read_volume(Path(reference_path)).hu[chosen]
+        if lows and low.shape[1:] != lows[0].shape[1:]:
+            parser.error(f"--pair {low_path}: slices of another size than the first pair's; measure them apart")
+        lows.append(low)
+        references.append(reference)
+    low_dose, reference = np.concatenate(lows), np.concatenate(references)
     true_std = true_noise_std_hu(low_dose, reference, crop)
+    slices = ", ".join(text for _, _, text in args.pair)
 
     fig = figure(20, 4)
     noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis = fig.subplots(1, 5)
-    band_centres = (np.arange(SpectralNoiseGain.BANDS) + 0.5) * np.sqrt(0.5) / SpectralNoiseGain.BANDS
+    centres = band_centres().numpy()
     true_spectrum = true_noise_spectrum(low_dose, reference, crop)
-    spectrum_axis.plot(band_centres, true_spectrum, color="black", linestyle="--",
+    spectrum_axis.plot(centres, true_spectrum, color="black", linestyle="--",
                        label="true (paired slices, after training)")
     spectra: dict[str, dict[str, np.ndarray]] = {}
-    print(f"true noise std on slices {args.slices}: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
+    print(f"true noise std on slices {slices}: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
     print("| run | steps | G weight | synthesised noise std (HU) | ratio to true | last validation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
     for name, run_dir in runs.items():
         log = [r for r in _rows(run_dir / "train_log.csv") if r.get("noise_std")]
         steps = [int(r["step"]) for r in log]
         noise_hu = [float(r["noise_std"]) * width_hu for r in log]
-        weights = [float(r["g_weight"]) for r in log]
+        weights = [float(r["g_weight"]) if r.get("g_weight") else np.nan for r in log]
         minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in _rows(run_dir / "train_log.csv")}
         validation = [(int(r["step"]), float(r["psnr_display"])) for r in _rows(run_dir / "validation.csv")]
         noise_axis.plot(steps, noise_hu, label=name, alpha=0.8)
@@ -129,13 +141,14 @@ def main(argv: list[str] | None = None) -> None:
             residual = gain.power.mean(0).numpy() * width_hu**2
             synthetic = (gain.weight**2 * gain.power).mean(0).numpy() * width_hu**2
             estimate = gain.cross.mean(0).numpy() * width_hu**2
-            line, = spectrum_axis.plot(band_centres, synthetic, label=f"{name}: synthetic noise (G)")
-            spectrum_axis.plot(band_centres, residual, color=line.get_color(), linestyle=":",
+            line, = spectrum_axis.plot(centres, synthetic, label=f"{name}: synthetic noise (G)")
+            spectrum_axis.plot(centres, residual, color=line.get_color(), linestyle=":",
                                label=f"{name}: residual n_hat")
             spectra[name] = {"residual n_hat": residual, "cross-power estimate": estimate, "synthetic noise": synthetic}
         last_noise = float(np.median(noise_hu[-10:]))
-        print(f"| {name} | {steps[-1]} | {weights[-1]:.3f} | {last_noise:.1f} | {last_noise / true_std:.2f} | "
-              f"{validation[-1][1]:.2f} |")
+        weight = "–" if np.isnan(weights[-1]) else f"{weights[-1]:.3f}"
+        last_psnr = f"{validation[-1][1]:.2f}" if validation else "–"
+        print(f"| {name} | {steps[-1]} | {weight} | {last_noise:.1f} | {last_noise / true_std:.2f} | {last_psnr} |")
     noise_axis.axhline(true_std, color="black", linestyle="--", label="true (paired slices, measured after training)")
     noise_axis.set(xlabel="optimiser steps", ylabel="std of synthesised noise n_tilde (HU)")
     weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale; spectral G: mean band gain)")
@@ -148,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         axis.legend(fontsize=7)
     if spectra:
         print("\nnoise power per coefficient (HU²) by band (cycles/pixel), spectral G at the end of training:")
-        print("| | " + " | ".join(f"{c:.2f}" for c in band_centres) + " |")
-        print("|---" * (len(band_centres) + 1) + "|")
+        print("| | " + " | ".join(f"{c:.2f}" for c in centres) + " |")
+        print("|---" * (len(centres) + 1) + "|")
         print("| true | " + " | ".join(f"{v:.0f}" for v in true_spectrum) + " |")
         for name, rows in spectra.items():
             for label, values in rows.items():

@@ -1,7 +1,7 @@
 """Training step time of configuration variants, measured side by side in one process.
 
     python -m n2g_ct.benchmarks.step_time CONFIG --variant "" \
-        --variant "method.noise2grad.noise_reuse=2" --threads 1
+        --variant "method.noise2grad.variant=robust" --threads 1
 
 Each ``--variant`` is a ``;``-separated list of ``KEY=VALUE`` overrides of the training
 configuration CONFIG (``""``: CONFIG as it is). One trainer per variant is built in this process and

@@ -56,6 +56,7 @@ def build_denoiser(
     base_width: int = 32,
     depth: int = 3,
     residual: bool = False,
+    local_mean_px: float = 0.0,
 ) -> UNet:
     """The noise-removal U-Net F with the official initialisation (see `UNet` for the arguments).
 
@@ -63,7 +64,7 @@ def build_denoiser(
     removed image ``x − F(x)`` must not be exactly zero at the start, since Noise2Grad shapes it
     into the synthetic noise.
     """
-    network = official_init_(UNet(in_channels, out_channels, base_width, depth, residual))
+    network = official_init_(UNet(in_channels, out_channels, base_width, depth, residual, local_mean_px))
     return network
 
 

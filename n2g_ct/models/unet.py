@@ -39,6 +39,10 @@ class UNet(nn.Module):
         depth: number of 2× downsamplings.
         residual: output ``input + U-Net(input)`` (a global residual, not in the official
             network); needs ``out_channels == in_channels``.
+        local_mean_px: residual only: σ, pixels, of a Gaussian whose local average is taken out of
+            the residual, ``input + r − G_σ * r``: F changes detail only and cannot shift the local
+            mean of the image at scales beyond ~2σ (no CT-number shift, no flattening of large
+            structures; the noise there is a small share of CT noise). 0: the plain residual.
 
     Shapes:
         input (B, in_channels, H, W) → output (B, out_channels, H, W), same units as the input.
@@ -51,12 +55,20 @@ class UNet(nn.Module):
         base_width: int = 32,
         depth: int = 3,
         residual: bool = False,
+        local_mean_px: float = 0.0,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         if residual and out_channels != in_channels:
             raise ValueError(f"a residual UNet needs out_channels == in_channels, got {out_channels} and {in_channels}")
+        if not local_mean_px >= 0:
+            raise ValueError(f"UNet local_mean_px must be >= 0, got {local_mean_px!r}")
         self.residual = residual
+        self.local_mean_px = float(local_mean_px) if residual else 0.0
+        radius = max(1, round(3 * self.local_mean_px))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / max(self.local_mean_px, 1e-6)) ** 2)
+        self.register_buffer("_local_mean_kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
         for name, value in (
             ("in_channels", in_channels),
             ("out_channels", out_channels),
@@ -102,4 +114,17 @@ class UNet(nn.Module):
             features = F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=True)
             features = block(torch.cat([skips.pop(), features], dim=1))
         output = self.head(features)[..., top : top + height, left : left + width]
-        return image + output if self.residual else output
+        if not self.residual:
+            return output
+        if self.local_mean_px:
+            output = output - self._local_mean(output)
+        return image + output
+
+    def _local_mean(self, image: Tensor) -> Tensor:
+        """Each channel blurred by the Gaussian of ``local_mean_px`` (separable, borders replicated: any image size)."""
+        kernel = self._local_mean_kernel.to(image.dtype)
+        radius = kernel.shape[-1] // 2
+        flat = image.reshape(-1, 1, *image.shape[-2:])
+        blurred = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel)
+        blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="replicate"), kernel.transpose(-1, -2))
+        return blurred.reshape(image.shape)
