@@ -16,10 +16,8 @@ with tube-current modulation):
 Either NPS, measured on ``s × s`` ROIs, is mapped to the slice size through its autocovariance
 (:func:`psd_for_bm3d`).
 
-Measured on one 512² chest slice (0.98 mm pixels) with 50 HU of added correlated noise (Gaussian
-kernel σ 1 px), display window: noisy 24.42 dB / SSIM 0.842; BM3D with the scalar σ = 50 HU
-25.23 dB / 0.831; with the estimated PSD 27.68 dB / 0.844; with the oracle PSD 27.79 dB / 0.852.
-About 17 s per 512² slice per PSD on a 2-core CPU.
+BENCHMARKS.md measures the estimated PSD's BM3D beside the denoisers on every CT benchmark
+(``n2g-ct evaluate --bm3d``).
 """
 
 from __future__ import annotations

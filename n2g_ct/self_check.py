@@ -12,7 +12,9 @@ independent of the anatomy, so on noisy slices ``x`` with ``r = x − F(x)`` (wh
    power in a band means removing anatomy (blurring, flattening contrast).
 3. **Edge ratio**: ``mean(r²)`` at edge voxels of F(x) (smoothed gradient ≥ 50 HU/mm) over
    ``mean(r²)`` at the other body voxels. Noise removal does not care where edges are (ratio ≈ 1;
-   somewhat more where streaks run from bone); a denoiser that blurs removes mostly at edges.
+   somewhat more where streaks run from bone); a denoiser that blurs removes mostly at edges. Only
+   judged where the slices show their noise (check 2 found ROIs): there, what F removes away from
+   edges is noise removal, the yardstick; in a small or noise-free image it is not.
 
 :class:`SelfCheck` accumulates slices (a series, or a sample of a training pool) and gives a
 :class:`SelfCheckResult` with the values and the checks that fail their :class:`SelfCheckLimits`.
@@ -83,7 +85,8 @@ class SelfCheckResult:
         noise_std_hu: the input's noise std in its uniform ROIs, HU (NaN without ROIs).
         removed_std_hu: std of what F removes in the tissue tiles (plane-detrended), HU.
         removed_noise_ratio: the largest ``removed_nps / noise_nps`` over the rings (NaN without ROIs).
-        edge_ratio: mean removed power at edge voxels / at the other tissue voxels (NaN without edges).
+        edge_ratio: mean removed power at edge voxels / at the other tissue voxels (NaN without edges
+            or without the noise ROIs of ``noise_std_hu``).
         failures: one message per failed check; empty when all pass.
     """
 
@@ -184,7 +187,8 @@ class SelfCheck:
         removed_std = math.sqrt(self._removed[0].mean() / self._removed[1]) if self._removed[1] else math.nan
         ratio = float(np.max(removed / noise)) if self._noise[1] and self._removed[1] else math.nan
         edge_power, edges, rest_power, rest = self._edges
-        edge_ratio = (edge_power / edges) / (rest_power / rest) if edges and rest and rest_power > 0 else math.nan
+        measurable = edges and rest and rest_power > 0 and self._noise[1]
+        edge_ratio = (edge_power / edges) / (rest_power / rest) if measurable else math.nan
         failures = []
         limits = self.limits
         if abs(shift) > limits.max_hu_shift:

@@ -89,3 +89,12 @@ def test_a_slice_without_soft_tissue_gives_no_shift_but_still_a_removal_check():
     result = checker.result()
     assert math.isnan(result.hu_shift_hu) and math.isnan(result.removed_noise_ratio)
     assert result.passed and "nan" in result.describe()
+
+
+def test_edges_are_only_judged_where_the_slices_show_their_noise(slices):
+    """A disc too small for a noise ROI: what is removed away from its edges is no yardstick."""
+    clean, noisy = slices
+    small = (slice(None), slice(48, 80), slice(48, 80))  # the bone ring and a little tissue, 32²
+    blurring = check((clean[small], noisy[small]), lambda clean, noisy: gaussian_smooth(noisy, 4.0))
+    assert math.isnan(blurring.noise_std_hu) and math.isnan(blurring.edge_ratio)
+    assert check(slices, lambda clean, noisy: gaussian_smooth(noisy, 4.0)).edge_ratio > 4.0
