@@ -114,29 +114,42 @@ def main(argv: list[str] | None = None) -> None:
     true_std = true_noise_std_hu(low_dose, reference, crop)
     slices = ", ".join(text for _, _, text in args.pair)
 
-    fig = figure(20, 4)
-    noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis = fig.subplots(1, 5)
+    logs = {name: [r for r in _rows(run_dir / "train_log.csv") if r.get("noise_std")] for name, run_dir in runs.items()}
+    gains = {name: _spectral_gain(run_dir) for name, run_dir in runs.items()}
+    has_weight = any(r.get("g_weight") for log in logs.values() for r in log)
+    has_spectrum = any(gain is not None for gain in gains.values())
+    panels = 3 + has_weight + has_spectrum  # G's weight and spectrum only where a run has them
+    fig = figure(4 * panels, 4)
+    axes = list(fig.subplots(1, panels))
+    noise_axis, steps_axis, minutes_axis = axes.pop(0), axes.pop(0), axes.pop(0)
+    weight_axis = axes.pop(0) if has_weight else None
+    spectrum_axis = axes.pop(0) if has_spectrum else None
     centres = band_centres().numpy()
     true_spectrum = true_noise_spectrum(low_dose, reference, crop)
-    spectrum_axis.plot(centres, true_spectrum, color="black", linestyle="--",
-                       label="true (paired slices, after training)")
+    if spectrum_axis is not None:
+        spectrum_axis.plot(centres, true_spectrum, color="black", linestyle="--",
+                           label="true (paired slices, after training)")
     spectra: dict[str, dict[str, np.ndarray]] = {}
     print(f"true noise std on slices {slices}: {true_std:.1f} HU ({crop}² crops of low dose − reference)")
     print("| run | steps | G weight | synthesised noise std (HU) | ratio to true | last validation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
     for name, run_dir in runs.items():
-        log = [r for r in _rows(run_dir / "train_log.csv") if r.get("noise_std")]
+        log = logs[name]
         steps = [int(r["step"]) for r in log]
         noise_hu = [float(r["noise_std"]) * width_hu for r in log]
         weights = [float(r["g_weight"]) if r.get("g_weight") else np.nan for r in log]
         minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in _rows(run_dir / "train_log.csv")}
         validation = [(int(r["step"]), float(r["psnr_display"])) for r in _rows(run_dir / "validation.csv")]
-        noise_axis.plot(steps, noise_hu, label=name, alpha=0.8)
-        weight_axis.plot(steps, weights, label=name)
+        line, = noise_axis.plot(steps, noise_hu, label=f"{name} (per batch)", alpha=0.3)
+        window = min(25, len(noise_hu))
+        trend = [float(np.median(noise_hu[max(0, k - window + 1): k + 1])) for k in range(len(noise_hu))]
+        noise_axis.plot(steps, trend, color=line.get_color(), label=f"{name} (running median of {window})")
+        if weight_axis is not None:
+            weight_axis.plot(steps, weights, label=name)
         steps_axis.plot([s for s, _ in validation], [p for _, p in validation], marker=".", label=name)
         minutes_axis.plot([minutes.get(s, np.nan) for s, _ in validation], [p for _, p in validation],
                           marker=".", label=name)
-        gain = _spectral_gain(run_dir)
+        gain = gains[name]
         if gain is not None:  # channel means, HU² per coefficient
             residual = gain.power.mean(0).numpy() * width_hu**2
             synthetic = (gain.weight**2 * gain.power).mean(0).numpy() * width_hu**2
@@ -151,12 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {steps[-1]} | {weight} | {last_noise:.1f} | {last_noise / true_std:.2f} | {last_psnr} |")
     noise_axis.axhline(true_std, color="black", linestyle="--", label="true (paired slices, measured after training)")
     noise_axis.set(xlabel="optimiser steps", ylabel="std of synthesised noise n_tilde (HU)")
-    weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale; spectral G: mean band gain)")
     steps_axis.set(xlabel="optimiser steps", ylabel="validation PSNR (dB), [-160, 240] HU")
     minutes_axis.set(xlabel="training time (min)", ylabel="validation PSNR (dB), [-160, 240] HU")
-    spectrum_axis.set(xlabel="radial frequency (cycles/pixel)", ylabel="noise power per coefficient (HU²)",
-                      yscale="log", title="spectral G, end of training")
-    for axis in (noise_axis, weight_axis, steps_axis, minutes_axis, spectrum_axis):
+    if weight_axis is not None:
+        weight_axis.set(xlabel="optimiser steps", ylabel="G weight (noise scale; spectral G: mean band gain)")
+    if spectrum_axis is not None:
+        spectrum_axis.set(xlabel="radial frequency (cycles/pixel)", ylabel="noise power per coefficient (HU²)",
+                          yscale="log", title="spectral G, end of training")
+    for axis in fig.axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     if spectra:
