@@ -19,9 +19,11 @@ Three variants (`Noise2GradOptions.variant`):
   removes (a skull's edges, contrast that differs from the clean pool's) cannot inflate it, and
   each slice keeps its own level. The clean images' own noise is measured the same way: the
   synthetic noise adds only what the noisy slice has in excess, and the target is corrected so that
-  F learns to remove all the noise, not only the excess (`own_noise_correction`). F is a residual
-  U-Net (``model.residual``), which keeps every CT number it has no reason to change. ``L_grad`` is
-  only reported.
+  F learns to remove all the noise, not only the excess (`own_noise_correction`); a sample whose
+  clean crop is noisier than its noisy crop trains on the noisy crop itself (``self_pairs``,
+  `self_paired`). F is a residual U-Net without a local mean (``model.residual``,
+  ``model.local_mean_px``): it keeps every CT number it has no reason to change. ``L_grad`` is only
+  reported.
 - ``robust``: ``default`` plus a random gain in [1/3, 3] on each sample's synthetic noise
   (``noise_gain``), so F also learns noise levels beyond the pool's (slices noisier than the pool).
 

@@ -316,6 +316,9 @@ def test_noise_scale_benchmark_compares_synthesised_and_true_noise(synthetic, tm
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert "| spectral | 6 |" in printed and "| measured | 6 | – |" in printed
     assert "true noise std on slices 0:2, 2:" in printed
+    with pytest.raises(SystemExit):
+        noise_scale_main(["--run", f"spectral={run}", *pair, "first:last", "--out", str(figure)])
+    assert "slices 'first:last' are not START:STOP" in capsys.readouterr().err
 
 
 def test_the_frozen_extractor_is_f_at_the_freeze_step_and_survives_a_resume(synthetic, tmp_path, monkeypatch):

@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     width_hu, crop = _window_width_hu(next(iter(runs.values())))
     lows, references = [], []
     for low_path, reference_path, text in args.pair:
-        chosen = slice(*(int(v) if v else None for v in text.split(":")))
+        try:
+            chosen = slice(*(int(v) if v else None for v in text.split(":")))
+        except (TypeError, ValueError):
+            parser.error(f"--pair {low_path}: slices {text!r} are not START:STOP[:STEP] (':' for all)")
         low, reference = read_volume(Path(low_path)).hu[chosen], read_volume(Path(reference_path)).hu[chosen]
         if lows and low.shape[1:] != lows[0].shape[1:]:
             parser.error(f"--pair {low_path}: slices of another size than the first pair's; measure them apart")
