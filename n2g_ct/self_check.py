@@ -59,7 +59,8 @@ class SelfCheckLimits:
         max_hu_shift: largest |mean(F(x) − x)| in uniform soft tissue, HU.
         max_removed_noise_ratio: largest removed power / noise power in any band of radial frequency.
         max_edge_ratio: largest mean removed power at edges / elsewhere in the body. Good
-            denoisers (Noise2Grad `default`, BM3D) measured 0.2–1.3 on the CT benchmarks; a model
+            denoisers (Noise2Grad `default`, BM3D) measured 0.2–1.0 on the CT benchmarks' test series
+            (up to 1.5 in training logs); a model
             trained on a far noisier pool that stripped bone detail from quiet slices, 2.3
             (BENCHMARKS.md, "In-house benchmarks").
     """
