@@ -45,10 +45,11 @@ import numpy as np
 
 from n2g_ct import __version__
 from n2g_ct.errors import InputError
+from n2g_ct.io.dicom import visible_files
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Voxels above this HU count as tissue (air is -1000, lung about -850, fat about -100).
 TISSUE_THRESHOLD_HU = -500.0
 _HASH_CHUNK_BYTES = 1 << 20
@@ -80,7 +81,7 @@ class CachedVolume:
         tissue_fraction: (z,) share of each slice's in-field voxels above ``TISSUE_THRESHOLD_HU``.
         source: the source path as it was read (series folder or file).
         source_paths: the file per slice (DICOM) or the single file (NIfTI), as read.
-        skipped_paths: files of the series the reader left out as unusable.
+        positions_lps: (z, 3) LPS position (mm) of each slice's first voxel (any spacing).
         series_uid: SeriesInstanceUID (DICOM) or None.
         key: the content key (hex SHA-256).
         entry_dir: the entry's folder in the cache.
@@ -94,7 +95,7 @@ class CachedVolume:
     tissue_fraction: np.ndarray
     source: Path
     source_paths: tuple[Path, ...]
-    skipped_paths: tuple[Path, ...]
+    positions_lps: np.ndarray
     series_uid: str | None
     key: str
     entry_dir: Path
@@ -103,11 +104,6 @@ class CachedVolume:
     def shape(self) -> tuple[int, int, int]:
         """(z, y, x) voxel counts."""
         return tuple(self.hu.shape)
-
-    def slice_positions_lps(self) -> np.ndarray:
-        """(z, 3) LPS position (mm) of each slice's first voxel."""
-        step = self.direction[:, 2] * self.spacing_xyz[2]
-        return np.asarray(self.origin_xyz) + np.arange(self.shape[0])[:, None] * step
 
     def __reduce__(self) -> tuple[Any, tuple[Path]]:
         return open_entry, (self.entry_dir,)
@@ -133,7 +129,7 @@ def open_entry(entry_dir: Path) -> CachedVolume:
         tissue_fraction=tissue,
         source=Path(meta["source"]),
         source_paths=tuple(Path(p) for p in meta["source_paths"]),
-        skipped_paths=tuple(Path(p) for p in meta["skipped_paths"]),
+        positions_lps=np.asarray(meta["positions_lps"], dtype=float).reshape(-1, 3),
         series_uid=meta["series_uid"],
         key=meta["key"],
         entry_dir=entry_dir,
@@ -195,7 +191,7 @@ class VolumeCache:
             return [source]
         if self.root.resolve().is_relative_to(source.resolve()):
             raise InputError(f"cache folder {self.root} lies inside the input folder {source}; choose another")
-        return sorted(p for p in source.rglob("*") if p.is_file())
+        return visible_files(source)
 
     def _indexed_key(self, fingerprint: str) -> str | None:
         try:
@@ -244,7 +240,7 @@ class VolumeCache:
             "tissue_fraction": [round(float(v), 4) for v in tissue],
             "source": str(source),
             "source_paths": [str(p) for p in volume.source_paths],
-            "skipped_paths": [str(p) for p in volume.skipped_paths],
+            "positions_lps": np.round(volume.positions_lps(), 4).tolist(),
             "series_uid": volume.series_uid,
         }
         self._entries.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,20 @@ def export_model(checkpoint: Path, out: Path) -> dict[str, Any]:
         raise InputError(f"{checkpoint}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
     save_checkpoint(exported, out)
     return exported
+
+
+def load_weights(module: torch.nn.Module, weights: Any, source: str) -> None:
+    """Load ``weights`` (a state dict) into ``module``; one-line InputError naming ``source`` and the
+    first mismatch when they do not fit (another U-Net width or depth, another method)."""
+    if not isinstance(weights, dict):
+        raise InputError(f"{source}: holds no weights where a state dict was expected")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        example = (f"{reshaped[0]} is {tuple(weights[reshaped[0]].shape)} where {tuple(expected[reshaped[0]].shape)} "
+                   "is expected" if reshaped else f"e.g. {(missing or unexpected)[0]}")
+        raise InputError(f"{source}: the weights do not fit this model: {len(reshaped)} tensor(s) of another "
+                         f"shape, {len(missing)} missing, {len(unexpected)} unexpected ({example})")
+    module.load_state_dict(weights)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ EXIT_USER_ERROR = 2
 def _cmd_info(args: argparse.Namespace) -> int:
     from n2g_ct.io.summary import describe_path
 
-    print(describe_path(args.path, allow_non_ct=args.allow_non_ct))
+    print(describe_path(args.path, allow_non_ct=args.allow_non_ct, assume_identity_rescale=args.assume_identity_rescale))
     return 0
 
 
@@ -37,7 +38,14 @@ def _add_info_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("path", type=Path, help="DICOM file, series folder, folder tree, or NIfTI file")
     parser.add_argument("--allow-non-ct", action="store_true", help="also read series whose modality is not CT")
+    _add_rescale_option(parser)
     parser.set_defaults(handler=_cmd_info)
+
+
+def _add_rescale_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--assume-identity-rescale", action="store_true",
+                        help="read CT images that lack RescaleSlope/RescaleIntercept as stored value = HU "
+                        "(default: such a file is an error, its HU being unknown)")
 
 
 def _cmd_manifest_scan(args: argparse.Namespace) -> int:
@@ -132,6 +140,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
     summary = denoise_inputs(
         args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
         amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
+        include_localizers=args.include_localizers, assume_identity_rescale=args.assume_identity_rescale,
     )
     print(summary.render())
     return 0 if summary.ok else 1
@@ -157,6 +166,9 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--split", help="manifest split whose low-dose series are denoised (default: its default)")
     parser.add_argument("--overwrite", action="store_true", help="redo series whose output exists")
+    parser.add_argument("--include-localizers", action="store_true",
+                        help="denoise localizers/scouts too (default: listed as skipped, they are not axial slices)")
+    _add_rescale_option(parser)
     parser.add_argument("--force", action="store_true",
                         help="write a series even when the model fails the self-check on it (the summary says so)")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
@@ -357,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # pydicom logs each of its warnings too (one line, logger "pydicom"); the duplicate Python
+    # warning would print a source line under it.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -376,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except N2GError as exc:
         print(f"n2g-ct {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # permissions, a file where a folder should be, a full disk: name the path
+        where = exc.filename or "(no path)"
+        print(f"n2g-ct {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"n2g-ct {args.command}: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ Configs never execute code (``yaml.safe_load`` only).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -20,6 +21,9 @@ import yaml
 from n2g_ct.errors import ConfigError
 
 T = TypeVar("T")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -69,6 +73,8 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
             errors.append(f"{key}: expected a path, got {value!r}")
         return Path(value) if isinstance(value, (str, Path)) else None
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{key}: expected a number, got {value!r}")
             return None
@@ -82,6 +88,7 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
 
 
 def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T | None:
+    before = len(errors)  # problems found elsewhere must not hide this section's own checks
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -93,7 +100,7 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T | None
             kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", errors)
         elif fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING:
             errors.append(f"{prefix}{name}: required")
-    if errors:
+    if len(errors) > before:
         return None
     try:
         return cls(**kwargs)
@@ -142,10 +149,14 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = _child(node, part, item)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
         if isinstance(node, list):
-            node[_list_index(node, leaf, item)] = yaml.safe_load(raw)
+            node[_list_index(node, leaf, item)] = value
         else:
-            node[leaf] = yaml.safe_load(raw)
+            node[leaf] = value
     return result
 
 
@@ -171,7 +182,9 @@ def load_yaml(path: Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -76,12 +76,6 @@ def _indices(slices: Sequence[int] | None, volume: CachedVolume, role: str) -> n
     count = volume.shape[0]
     if slices is None:
         return np.arange(count)
-    if volume.skipped_paths:
-        raise InputError(
-            f"{role} {volume.source}: {len(volume.skipped_paths)} unusable file(s) were skipped "
-            f"(e.g. {volume.skipped_paths[0]}), so the selected slice indices no longer match the series; "
-            "repair or remove those files and rescan the manifest"
-        )
     z = np.asarray(slices, dtype=np.int64).reshape(-1)
     bad = z[(z < 0) | (z >= count)]
     if bad.size:
@@ -224,7 +218,7 @@ def _check_pair(
         raise mismatch("pixel spacing", f"{low.spacing_xyz[:2]} mm", f"{ref.spacing_xyz[:2]} mm")
     if not np.allclose(low.direction, ref.direction, atol=_DIRECTION_TOLERANCE):
         raise mismatch("orientation", low.direction.tolist(), ref.direction.tolist())
-    gap = np.abs(low.slice_positions_lps()[z_low] - ref.slice_positions_lps()[z_ref]).max(axis=1)
+    gap = np.abs(low.positions_lps[z_low] - ref.positions_lps[z_ref]).max(axis=1)
     if gap.max() > _POSITION_TOLERANCE_MM:
         i = int(gap.argmax())
         raise mismatch(f"slice position, {gap[i]:.2f} mm apart", f"slice {z_low[i]}", f"slice {z_ref[i]}")

@@ -56,7 +56,7 @@ from n2g_ct.inference import (
     denoise_volume,
     denoiser_from_checkpoint,
 )
-from n2g_ct.io.dicom import DicomSeries, check_slice_gaps, read_dicom_series, scan_dicom
+from n2g_ct.io.dicom import DicomSeries, frame_rescale, read_dicom_series, scan_dicom_tree
 from n2g_ct.io.dicom_writer import Derivation, DerivedSeriesWriter
 from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
 from n2g_ct.io.volume import CTVolume
@@ -83,12 +83,14 @@ class Job:
         output: the output folder (DICOM) or file (NIfTI).
         slices: number of slices (progress), 0 when unknown.
         series: the DICOM series from a header scan; ``None`` for NIfTI.
+        identity_rescale: read CT images without RescaleSlope/Intercept as stored value = HU.
     """
 
     source: Path
     output: Path
     slices: int
     series: DicomSeries | None = None
+    identity_rescale: bool = False
 
 
 @dataclass
@@ -145,20 +147,16 @@ class DenoiseSummary:
 # --------------------------------------------------------------------------------------------------
 
 
-def _holds_dicom(path: Path) -> bool:
-    files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
-    return any(is_dicom(p) for p in files)
+def _scan_series(root: Path, include_localizers: bool = False) -> tuple[list[DicomSeries], list[Outcome]]:
+    """Every CT image series below ``root`` (headers kept, pixels not read), and the outcomes of
+    what cannot be a job: files set aside (skipped, with the reason), damaged files and series
+    (failed, naming the file), series of another modality (skipped).
 
-
-def _scan_series(root: Path) -> tuple[list[DicomSeries], list[Outcome]]:
-    """Every DICOM series below ``root`` (headers only), and the folders that could not be scanned.
-
-    A folder whose scan fails as a whole (e.g. one series mixes slice sizes) and holds no DICOM file
-    itself is scanned again subfolder by subfolder, so that one bad series does not hide the
-    others. Folders without any DICOM file are not failures.
+    A folder whose scan fails as a whole (one series mixes slice sizes) and holds no DICOM file
+    itself is scanned again subfolder by subfolder, so that one bad series does not hide the others.
     """
     try:
-        return scan_dicom(root), []
+        scan = scan_dicom_tree(root, keep_datasets=True, include_localizers=include_localizers)
     except InputError as exc:
         if root.is_dir():
             subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -167,11 +165,27 @@ def _scan_series(root: Path) -> tuple[list[DicomSeries], list[Outcome]]:
                 found: list[DicomSeries] = []
                 failed: list[Outcome] = []
                 for sub in subfolders:
-                    series, failures = _scan_series(sub)
+                    series, failures = _scan_series(sub, include_localizers)
                     found += series
                     failed += failures
                 return found, failed
-        return [], [Outcome(root, None, message=str(exc))] if _holds_dicom(root) else []
+        return [], [Outcome(root, None, message=str(exc))]
+    outcomes = [Outcome(item.path, None, status="skipped", message=item.reason) for item in scan.set_aside]
+    attached = {d.path for s in scan.series for d in s.damaged}
+    outcomes += [Outcome(item.path, None, message=f"damaged: {item.reason}") for item in scan.damaged
+                 if item.path not in attached]
+    series = []
+    for s in scan.series:
+        if s.damaged:
+            outcomes.append(Outcome(s.folder, None, series_uid=s.series_uid, message=(
+                f"damaged file {s.damaged[0]}" + (f" (and {len(s.damaged) - 1} more)" if len(s.damaged) > 1 else "")
+                + "; the series is not denoised without it")))
+        elif s.modality != "CT":
+            outcomes.append(Outcome(s.folder, None, status="skipped", series_uid=s.series_uid,
+                                    message=f"modality {s.modality or '(none)'}, not CT"))
+        else:
+            series.append(s)
+    return series, outcomes
 
 
 def _nifti_job(path: Path, output: Path) -> Job:
@@ -182,7 +196,7 @@ def _nifti_job(path: Path, output: Path) -> Job:
     return Job(path, output, int(shape[2]) if len(shape) >= 3 else 0)
 
 
-def _discover(path: Path, target: Path) -> tuple[list[Job], list[Outcome]]:
+def _discover(path: Path, target: Path, include_localizers: bool) -> tuple[list[Job], list[Outcome]]:
     """Jobs for one input path whose own output is ``target``, and what could not be scanned."""
     if path.is_file() and is_nifti(path):
         return [_nifti_job(path, target)], []
@@ -190,15 +204,16 @@ def _discover(path: Path, target: Path) -> tuple[list[Job], list[Outcome]]:
     if path.is_dir():
         niftis = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti(p))
         jobs += [_nifti_job(p, target / p.relative_to(path)) for p in niftis]
-    series, failures = _scan_series(path)
+    series, failures = _scan_series(path, include_localizers)
     per_folder = Counter(s.folder for s in series)
     for s in series:
         output = target if path.is_file() else target / s.folder.relative_to(path)
         if per_folder[s.folder] > 1:
             output = output / s.series_uid
         jobs.append(Job(path if path.is_file() else s.folder, output, len(s), s))
-    if not jobs and not failures:
-        failures.append(Outcome(path, None, message="no DICOM series or NIfTI file found"))
+    if not jobs and not any(f.status == "failed" for f in failures):
+        because = f": {failures[0].source}: {failures[0].message}" if failures else ""
+        failures.append(Outcome(path, None, message=f"no CT image series or NIfTI file found{because}"))
     return jobs, failures
 
 
@@ -218,8 +233,10 @@ def _is_inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None) -> tuple[list[Job], list[Outcome]]:
-    """The jobs for ``inputs`` with their outputs below ``out``, and the inputs that cannot be scanned.
+def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None,
+              include_localizers: bool = False) -> tuple[list[Job], list[Outcome]]:
+    """The jobs for ``inputs`` with their outputs below ``out``, and the outcomes of what cannot be a
+    job (skipped: not CT image slices; failed: damaged or unscannable), each naming the file.
 
     Raises:
         InputError: an input is missing, a manifest is invalid, ``out`` (or an output) lies inside
@@ -243,11 +260,11 @@ def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None) ->
                     failures.append(Outcome(source, None, message=f"listed in {path} but missing"))
                     continue
                 relative = source.relative_to(root) if _is_inside(source, root) else Path(source.name)
-                found = _discover(source, out / root.name / relative.parent / _output_name(source))
+                found = _discover(source, out / root.name / relative.parent / _output_name(source), include_localizers)
                 jobs += found[0]
                 failures += found[1]
         else:
-            found = _discover(path, out / _output_name(path))
+            found = _discover(path, out / _output_name(path), include_localizers)
             jobs += found[0]
             failures += found[1]
     for root in roots:
@@ -268,26 +285,13 @@ def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_chunks(series: DicomSeries, size: int) -> Iterator[CTVolume]:
-    """Decode ``series`` ``size`` slices at a time with the series reader, in slice order.
-
-    The reader's gap rules hold for the whole series: the gaps are checked on every header position
-    first, and again on the slices decoded so far whenever an unusable file had to be skipped.
-    """
-    check_slice_gaps(series, series.positions_mm, [])
-    position = dict(zip(series.paths, series.positions_mm))
-    kept: list[float] = []
-    skipped: list[str] = []
+def _read_chunks(series: DicomSeries, size: int, assume_identity_rescale: bool) -> Iterator[CTVolume]:
+    """Decode ``series`` ``size`` slices at a time with the series reader, in slice order."""
     for start in range(0, len(series), size):
-        part = replace(series, paths=series.paths[start : start + size],
-                       positions_mm=series.positions_mm[start : start + size], datasets=None)
-        chunk = read_dicom_series(part)
-        decoded = set(chunk.source_paths)
-        kept += [position[p] for p in chunk.source_paths]
-        skipped += [p.name for p in part.paths if p not in decoded]
-        if skipped:
-            check_slice_gaps(series, np.asarray(kept), skipped)
-        yield chunk
+        part = slice(start, start + size)
+        yield read_dicom_series(replace(series, paths=series.paths[part], positions_mm=series.positions_mm[part],
+                                        frames=series.frames[part], datasets=None),
+                                assume_identity_rescale=assume_identity_rescale)
 
 
 def _denoise_checked(denoiser: Denoiser, volume: CTVolume, batch_size: int, check: SelfCheck,
@@ -307,8 +311,8 @@ def _denoise_dicom(job: Job, folder: Path, denoiser: Denoiser, derivation: Deriv
     """Denoise a series into ``folder``; returns (slices written, voxels clipped)."""
     assert job.series is not None
     writer = DerivedSeriesWriter(folder, derivation, job.series.series_uid)
-    for chunk in _read_chunks(job.series, max(batch_size, READ_CHUNK_SLICES)):
-        writer.write(chunk.datasets, _denoise_checked(denoiser, chunk, batch_size, check, on_slices))
+    for chunk in _read_chunks(job.series, max(batch_size, READ_CHUNK_SLICES), job.identity_rescale):
+        writer.write(chunk.datasets, _denoise_checked(denoiser, chunk, batch_size, check, on_slices), chunk.frames)
     writer.finish()
     return writer.slices, writer.clipped
 
@@ -369,6 +373,9 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
     except N2GError as exc:
         outcome.message = str(exc)
         log.error("%s: %s", job.source, exc)
+    except OSError as exc:  # disk full, permissions: the file system's message names the path
+        outcome.message = f"{exc.filename or job.output}: {exc.strerror or exc}"
+        log.error("%s: %s", job.source, outcome.message)
     except Exception as exc:  # a batch run reports the job and goes on with the others
         outcome.message = f"{type(exc).__name__}: {exc}"
         log.exception("%s: unexpected error", job.source)
@@ -386,6 +393,24 @@ def _judge(job: Job, check: SelfCheckResult, force: bool) -> None:
         return
     raise SelfCheckRefusal(f"refused, the model fails the self-check on this series: {'; '.join(check.failures)} "
                            "(nothing written; --force writes it anyway)")
+
+
+def _preflight(jobs: list[Job], derivation: Derivation, outcomes: list[Outcome]) -> list[Job]:
+    """The jobs whose every slice has a usable rescale and whose derived headers can be built; the
+    others become failed ``outcomes`` now, before any model time is spent."""
+    ready = []
+    for job in jobs:
+        if job.series is not None and job.series.datasets:
+            try:
+                for ds, frame, path in zip(job.series.datasets, job.series.frames, job.series.paths):
+                    frame_rescale(ds, frame, path, job.identity_rescale)
+                DerivedSeriesWriter(job.output, derivation, job.series.series_uid).check(
+                    job.series.datasets[0], job.series.frames[0])
+            except (N2GError, ValueError, AttributeError, TypeError) as exc:
+                outcomes.append(Outcome(job.source, job.output, series_uid=job.series.series_uid, message=str(exc)))
+                continue
+        ready.append(job)
+    return ready
 
 
 def _write_summary(path: Path, outcomes: Sequence[Outcome]) -> None:
@@ -408,6 +433,8 @@ def denoise_inputs(
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
+    include_localizers: bool = False,
+    assume_identity_rescale: bool = False,
 ) -> DenoiseSummary:
     """Denoise every series / volume found in ``inputs`` into ``out`` (layout: module docstring).
 
@@ -422,6 +449,9 @@ def denoise_inputs(
         overwrite: redo jobs whose output exists.
         force: write a series even when the model fails the self-check on it (the row says so).
         progress: progress bars (jobs, and slices of the current job) on stderr.
+        include_localizers: denoise localizers/scouts too (default: skipped, with a note).
+        assume_identity_rescale: read CT images without RescaleSlope/Intercept as stored value = HU
+            (default: such a series fails, naming the file).
 
     Returns:
         The outcome per job; ``ok`` is False when any failed or was refused. The CSV is written after each job.
@@ -436,15 +466,17 @@ def denoise_inputs(
                     "train on your own scanner's data for real use)", model.name)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
+    jobs, outcomes = plan_jobs(inputs, out, split=split, include_localizers=include_localizers)
+    jobs = [replace(job, identity_rescale=assume_identity_rescale) for job in jobs]
+    out = Path(out).expanduser().resolve()
+    summary = DenoiseSummary(outcomes, out / SUMMARY_NAME)
+    _write_summary(summary.csv_path, summary.outcomes)  # fails now, not after the model ran, if OUT is not writable
     state = load_checkpoint(model)
     denoiser = denoiser_from_checkpoint(state, device=device, amp=amp, source=str(model))
     del state
     derivation = Derivation(denoiser.method, file_sha256(model), denoiser.precision)
     batch_size = batch_size or DEFAULT_BATCH_SIZE[denoiser.device.type]
-    jobs, outcomes = plan_jobs(inputs, out, split=split)
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    summary = DenoiseSummary(outcomes, out / SUMMARY_NAME)
+    jobs = _preflight(jobs, derivation, summary.outcomes)
     log.info("%d job(s) on %s, batch size %d, %s; model %s (sha256 %s)", len(jobs), denoiser.device, batch_size,
              denoiser.precision, model, derivation.checkpoint_sha256[:12])
     _write_summary(summary.csv_path, summary.outcomes)

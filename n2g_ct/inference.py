@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2g_ct.checkpoint import load_weights
 from n2g_ct.devices import Processes, select_device
 from n2g_ct.errors import InputError, N2GError
 from n2g_ct.models import build_denoiser
@@ -92,10 +93,7 @@ def network_from_checkpoint(state: Mapping[str, Any], source: str = "checkpoint"
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{source}: lacks the denoiser or its config ({exc!r}); was it written by n2g-ct train?") from None
     network = build_denoiser(channels, channels, base_width, depth, residual, local_mean_px)
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise InputError(f"{source}: the weights do not fit a U-Net of width {base_width}, depth {depth} ({exc})") from None
+    load_weights(network, weights, f"{source} (U-Net of width {base_width}, depth {depth})")
     return network.eval()
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from n2g_ct.checkpoint import load_checkpoint, save_checkpoint
+from n2g_ct.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from n2g_ct.config import to_dict
 from n2g_ct.devices import Processes, init_processes, select_device
 from n2g_ct.errors import ConfigError, InputError
@@ -254,11 +254,12 @@ class _Trainer:
                 f"number (now {self.processes.world_size}) so that every rank draws the same crops"
             )
         try:
-            self.objective.denoiser.load_state_dict(state["denoiser"])
+            mismatch = f"{path}: does not match this run's model or method"
+            load_weights(self.objective.denoiser, state.get("denoiser"), f"{mismatch} (denoiser)")
             if self.objective.noise_approximator is not None:
-                self.objective.noise_approximator.load_state_dict(state["noise_approximator"])
+                load_weights(self.objective.noise_approximator, state.get("noise_approximator"), f"{mismatch} (G)")
             if self.objective.extractor is not None:
-                self.objective.extractor.load_state_dict(state["extractor"])
+                load_weights(self.objective.extractor, state.get("extractor"), f"{mismatch} (extractor)")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -293,11 +294,8 @@ def _initial_weights(objective: TrainingObjective, path: Path) -> None:
         kind = "a residual U-Net" if residual else "the paper's U-Net (not residual)"
         raise InputError(f"{path}: its denoiser is {kind}; set model.residual: {str(residual).lower()} to start "
                          "from it, or train from scratch")
-    try:
-        objective.denoiser.load_state_dict(state["denoiser"])
-    except (KeyError, RuntimeError) as exc:
-        raise InputError(f"{path}: its denoiser does not fit this run's model settings (model.channels, "
-                         f"base_width, depth, residual): {str(exc).splitlines()[0]}") from None
+    load_weights(objective.denoiser, state.get("denoiser"),
+                 f"{path}: its denoiser does not fit this run's model settings (model.channels, base_width, depth)")
     log.info("F starts from the weights of %s", path)
 
 

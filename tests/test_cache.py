@@ -14,7 +14,7 @@ import pytest
 
 import n2g_ct.io
 from factories import phantom_hu, write_ct_series
-from n2g_ct.cache import VolumeCache, default_cache_dir
+from n2g_ct.cache import CACHE_FORMAT, VolumeCache, default_cache_dir
 from n2g_ct.errors import InputError
 
 
@@ -45,7 +45,7 @@ def reads(monkeypatch):
 
 
 def entries(cache):
-    return sorted(p.name for p in (cache.root / "v1" / "entries").iterdir())
+    return sorted(p.name for p in (cache.root / f"v{CACHE_FORMAT}" / "entries").iterdir())
 
 
 def test_first_get_converts_then_hits(series, cache, reads):
@@ -114,7 +114,7 @@ def test_identical_copy_elsewhere_shares_the_entry(series, tmp_path, cache, read
 
 def test_partial_temp_folder_of_a_crashed_writer_is_ignored_and_swept(series, cache, reads):
     key = cache.get(series).key
-    entries_dir = cache.root / "v1" / "entries"
+    entries_dir = cache.root / f"v{CACHE_FORMAT}" / "entries"
     crashed = entries_dir / f".tmp-{key}-999-dead"
     crashed.mkdir()
     (crashed / "hu.npy").write_bytes(b"\x93NUMPY partial")

@@ -128,12 +128,11 @@ def test_bad_selections_raise_input_errors_naming_the_series(pools, cache):
         UnpairedCropStream([], [pools[1]], cache=cache)
 
 
-def test_slice_indices_are_refused_when_the_reader_skipped_a_file(tmp_path, cache):
+def test_a_pool_with_a_damaged_file_is_refused_by_name(tmp_path, cache):
     paths = write_ct_series(tmp_path / "s", phantom_hu((5, 32, 32)))
-    paths[0].write_bytes(paths[0].read_bytes()[:-200])  # unusable first slice: indices would shift by one
-    with pytest.raises(InputError, match=r"1 unusable file\(s\) were skipped.*slice000.dcm"):
+    paths[0].write_bytes(paths[0].read_bytes()[:-200])  # a shorter series would shift the slice indices
+    with pytest.raises(InputError, match="slice000.dcm"):
         UnpairedCropStream([SliceSelection(tmp_path / "s", (1, 2))], [tmp_path / "s"], crop_size=CROP, cache=cache)
-    UnpairedCropStream([tmp_path / "s"], [tmp_path / "s"], crop_size=CROP, cache=cache)  # all slices: fine
 
 
 @pytest.fixture

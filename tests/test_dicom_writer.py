@@ -34,7 +34,8 @@ CHANGED = {
     "SoftwareVersions", "ContentDate", "ContentTime", "PixelData",
 }
 ADDED = {"DerivationDescription", "SourceImageSequence", "SeriesDate", "SeriesTime", "ContentDate", "ContentTime",
-         "InstanceCreationDate", "InstanceCreationTime"}
+         "InstanceCreationDate", "InstanceCreationTime",
+         "PatientOrientation"}  # type 2C absent in the source: a repair, added empty
 DROPPED = {"SmallestImagePixelValue", "LargestImagePixelValue"}
 PATIENT_IDENTITY = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                     "ReferringPhysicianName", "StudyID", "StudyInstanceUID", "StudyDate", "StudyTime"}

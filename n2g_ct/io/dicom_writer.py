@@ -6,24 +6,37 @@ equipment, geometry and window attributes, and gets
 - a new SeriesInstanceUID and SOPInstanceUID (MediaStorageSOPInstanceUID matching), derived
   deterministically from the source UID, the checkpoint hash and the method version
   (:meth:`Derivation.uid`): a re-run makes the same UIDs, another model or version other ones;
-- ImageType ``DERIVED\\SECONDARY\\AXIAL``, a DerivationDescription naming software, method,
-  precision and checkpoint hash, and a SourceImageSequence item pointing at its source slice;
+- ImageType ``DERIVED\\SECONDARY`` + the source's further values (``AXIAL`` when it has none),
+  a DerivationDescription naming software, method, precision, checkpoint hash and any repair, and
+  a SourceImageSequence item pointing at its source slice;
 - SeriesNumber + :data:`SERIES_NUMBER_OFFSET`, the SeriesDescription suffixed with the method;
 - new series, content and instance-creation dates/times, and n2g-ct appended to SoftwareVersions;
 - pixels in the source's stored representation (BitsAllocated/BitsStored/PixelRepresentation,
   RescaleSlope/Intercept): ``round((HU − intercept) / slope)``, clipped to the stored range, the
-  clipped voxels counted; always uncompressed (Explicit VR Little Endian).
+  clipped voxels counted; always uncompressed Explicit VR Little Endian, whatever the source's
+  encoding (big endian, implicit VR, VR ``UN``, compressed), with a file meta built from scratch.
+
+An Enhanced CT multi-frame source gives one derived multi-frame file: its functional groups
+(per-frame geometry and rescale) are kept; ImageType and FrameType become ``DERIVED\\PRIMARY`` (the
+only value 2 Enhanced CT allows).
+
+Repairs, each named in the DerivationDescription: absent type 2 attributes (anonymisers drop
+Manufacturer, KVP, StudyID, ...) are added empty; a missing FrameOfReferenceUID gets a UID derived
+from the source study and series (one per source series, whatever the model); a missing SOP class
+falls back to the file meta's, then to CT Image Storage; a PixelPaddingValue written unsigned for
+signed pixels is written signed; a source SOPInstanceUID that is not a valid UID is not referenced.
+Values present in the source (even invalid ones, such as dotted dates) are never changed.
 
 Dropped: private tags (vendor data about the source pixels), Smallest/Largest pixel values, icon
 images and the source's own derivation codes. A negative SpacingBetweenSlices (seen in real
-scanners' files, invalid DICOM) is written as its magnitude. Nothing is added to or changed in
-the Patient module.
+scanners' files, invalid DICOM) is written as its magnitude.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,10 +45,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import correct_ambiguous_vr
-from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from n2g_ct import __version__
 from n2g_ct.errors import InputError
+from n2g_ct.io.dicom import frame_rescale, is_multiframe, padding_value, sop_class
 from n2g_ct.io.volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -140,10 +154,10 @@ def _software_versions(source: Dataset, software: str) -> list[str]:
     return [str(v) for v in ([values] if isinstance(values, str) else values)] + [software]
 
 
-def _source_reference(source: Dataset) -> Dataset:
+def _source_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _PURPOSE_OF_REFERENCE
     item.PurposeOfReferenceCodeSequence = [purpose]
@@ -151,14 +165,44 @@ def _source_reference(source: Dataset) -> Dataset:
     return item
 
 
+# Type 2 (and 2C) attributes of the CT Image and Enhanced CT IODs a derived series may add empty
+# when its source lacks them (anonymisers drop them): absent is invalid, empty is "unknown".
+_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "Manufacturer",
+    "PositionReferenceIndicator", "InstanceNumber",
+)
+_TYPE2_CLASSIC = ("KVP", "AcquisitionNumber", "SliceThickness", "PatientOrientation")
+_MAX_UID_LENGTH = 64
+
+
+def _valid_uid(value: object) -> bool:
+    text = str(value or "")
+    return 0 < len(text) <= _MAX_UID_LENGTH and UID(text).is_valid
+
+
+def _rebuilt(source: Dataset) -> Dataset:
+    """A copy of ``source`` made of decoded elements, free of the source's encoding: big endian,
+    implicit VR and VR ``UN`` (resolved from the dictionary) all write back as explicit little endian."""
+    copy_ = Dataset()
+    for element in source:  # iterating decodes raw elements (UN → dictionary VR)
+        element = copy.deepcopy(element)
+        if element.VR == "SQ":
+            element.value = [_rebuilt(item) for item in element.value]
+        copy_.add(element)
+    return copy_
+
+
 class DerivedSeriesWriter:
     """Writes one derived series into ``folder``, slice by slice as the processed slices arrive.
 
     Files are named ``IM00000.dcm``, ``IM00001.dcm``, ... in the order written (callers write in
-    slice order, ascending along the slice normal). Counts the voxels clipped to the stored range.
+    slice order, ascending along the slice normal). A multi-frame source (Enhanced CT) gives one
+    derived multi-frame file, written once all its frames have arrived. Counts the voxels clipped
+    to the stored range. Every file is fsynced before the writer returns it.
 
     Args:
-        folder: output folder (created).
+        folder: output folder (created with the first file).
         derivation: provenance of the series.
         source_series_uid: SeriesInstanceUID of the source series.
         created: the series' creation time (default: now); one value for all its slices.
@@ -168,18 +212,22 @@ class DerivedSeriesWriter:
         self, folder: Path, derivation: Derivation, source_series_uid: str, created: datetime | None = None
     ) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.derivation = derivation
+        self.source_series_uid = source_series_uid
         self.series_uid = derivation.uid("series", source_series_uid)
         created = created or datetime.now()
         self._date, self._time = created.strftime("%Y%m%d"), created.strftime("%H%M%S.%f")
         self.slices = 0
+        self.files = 0
         self.voxels = 0
         self.clipped = 0
+        self.repairs: list[str] = []
         self._storage = ""
+        self._pending: dict[str, tuple[Dataset, dict[int, np.ndarray]]] = {}
 
-    def write(self, sources: Sequence[Dataset], hu: np.ndarray) -> list[Path]:
-        """Write slices: ``sources`` (one template per slice, without pixel data), ``hu`` (n, y, x).
+    def write(self, sources: Sequence[Dataset], hu: np.ndarray, frames: Sequence[int | None] | None = None) -> list[Path]:
+        """Write slices: ``sources`` (one template per slice, without pixel data), ``hu`` (n, y, x),
+        ``frames`` (per slice, its frame index in a multi-frame source; default: single-frame).
 
         Voxels that are padding in the source must hold their source HU in ``hu`` (they are
         then stored unchanged, as padding).
@@ -190,45 +238,105 @@ class DerivedSeriesWriter:
         if len(sources) != len(hu):
             raise ValueError(f"{len(sources)} source dataset(s) for {len(hu)} slice(s)")
         paths = []
-        for source, slice_hu in zip(sources, hu):
-            path = self.folder / f"IM{self.slices:05d}.dcm"
-            self._derive(source, slice_hu).save_as(path, enforce_file_format=True)
-            paths.append(path)
-            self.slices += 1
+        for source, frame, slice_hu in zip(sources, frames or [None] * len(hu), hu):
+            if frame is None:
+                paths.append(self._save(self._derive(source, slice_hu[None], [None])))
+                continue
+            key = str(source.get("SOPInstanceUID", ""))  # the frames of one file may come in several reads
+            _, pending = self._pending.setdefault(key, (source, {}))
+            pending[frame] = slice_hu
+            if len(pending) == int(source.NumberOfFrames):
+                del self._pending[key]
+                order = sorted(pending)
+                paths.append(self._save(self._derive(source, np.stack([pending[f] for f in order]), order)))
         return paths
 
-    def _derive(self, source: Dataset, hu: np.ndarray) -> Dataset:
+    def check(self, source: Dataset, frame: int | None = None) -> None:
+        """Build (not write) the derived header of ``source``: raises what writing it would raise."""
+        self._derive(source, np.zeros((1, int(source.Rows), int(source.Columns)), np.float32), [frame], count=False)
+
+    def _save(self, ds: Dataset) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"IM{self.files:05d}.dcm"
+        with open(path, "wb") as f:
+            ds.save_as(f, enforce_file_format=True)
+            f.flush()
+            os.fsync(f.fileno())
+        self.files += 1
+        return path
+
+    def _derive(self, source: Dataset, hu: np.ndarray, frames: list[int | None], count: bool = True) -> Dataset:
         if int(source.get("BitsAllocated", 0)) != 16 or int(source.get("SamplesPerPixel", 1)) != 1:
             raise InputError(
                 f"series {source.get('SeriesInstanceUID')}: BitsAllocated {source.get('BitsAllocated')}, "
                 f"SamplesPerPixel {source.get('SamplesPerPixel')}; a derived CT series needs 16-bit grey images"
             )
-        if hu.shape != (source.Rows, source.Columns):
-            raise ValueError(f"slice of shape {hu.shape} for a source of {source.Rows}x{source.Columns}")
-        ds = copy.deepcopy(source)
+        if hu.shape[1:] != (source.Rows, source.Columns):
+            raise ValueError(f"slices of shape {hu.shape[1:]} for a source of {source.Rows}x{source.Columns}")
+        ds = _rebuilt(source)
         ds.remove_private_tags()
         for keyword in _DROPPED:
             if keyword in ds:
                 delattr(ds, keyword)
-        self._set_identity(ds, source)
-        self._set_pixels(ds, hu)
+        repairs = self._repair(ds, source)
+        self._set_identity(ds, source, repairs)
+        self._set_pixels(ds, hu, frames, count)
         correct_ambiguous_vr(ds, is_little_endian=True)  # "US or SS" elements of implicit-VR sources
+        if count:
+            self.slices += len(hu)
         return ds
 
-    def _set_identity(self, ds: Dataset, source: Dataset) -> None:
+    def _repair(self, ds: Dataset, source: Dataset) -> list[str]:
+        """Add what anonymisers and old scanners leave out and a derived series may supply."""
+        repairs = []
+        multiframe = is_multiframe(source)
+        missing = [k for k in _TYPE2 + (() if multiframe else _TYPE2_CLASSIC) if k not in ds]
+        for keyword in missing:
+            setattr(ds, keyword, None)
+        if missing:
+            repairs.append(f"empty type 2 {', '.join(missing)} added")
+        if not _valid_uid(ds.get("FrameOfReferenceUID")):
+            ds.FrameOfReferenceUID = generate_uid(UID_ROOT, entropy_srcs=[
+                "frame-of-reference", str(source.get("StudyInstanceUID", "")), self.source_series_uid])
+            repairs.append("FrameOfReferenceUID added")
+        if not str(source.get("SeriesNumber", "") or "").strip():
+            repairs.append("SeriesNumber added")
+        padding = padding_value(source)
+        if padding is not None and int(source.get("PixelRepresentation", 0) or 0) == 1:
+            if int(source.PixelPaddingValue) != padding[0] or source["PixelPaddingValue"].VR != "SS":
+                ds.PixelPaddingValue = padding[0] if "PixelPaddingRangeLimit" not in source else int(source.PixelPaddingValue)
+                ds["PixelPaddingValue"].VR = "SS"
+                if "PixelPaddingRangeLimit" in ds:
+                    ds["PixelPaddingRangeLimit"].VR = "SS"
+                repairs.append("PixelPaddingValue written as signed")
+        self.repairs = sorted(set(self.repairs) | set(repairs))
+        return repairs
+
+    def _set_identity(self, ds: Dataset, source: Dataset, repairs: list[str]) -> None:
         derivation = self.derivation
-        sop_uid = derivation.uid("instance", source.SOPInstanceUID)
+        source_uid = str(source.get("SOPInstanceUID", "") or "").strip() or str(
+            getattr(source, "file_meta", Dataset()).get("MediaStorageSOPInstanceUID", ""))
+        sop_uid = derivation.uid("instance", source_uid or f"{self.source_series_uid}/{self.files}")
+        sop_class_uid = sop_class(source) or UID(CTImageStorage)
+        if not _valid_uid(source.get("SOPClassUID")):
+            repairs.append("SOPClassUID restored")
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = source.SOPClassUID
+        meta.MediaStorageSOPClassUID = sop_class_uid
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationVersionName = f"N2GCT_{__version__}"[:16]
         ds.file_meta = meta
+        ds.SOPClassUID = sop_class_uid
         ds.SOPInstanceUID = sop_uid
         ds.SeriesInstanceUID = self.series_uid
-        ds.ImageType = DERIVED_IMAGE_TYPE
-        ds.DerivationDescription = derivation.description
-        ds.SourceImageSequence = [_source_reference(source)]
+        ds.ImageType = _derived_image_type(source)
+        if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+            _derive_frame_types(ds)
+        if _valid_uid(source_uid):
+            ds.SourceImageSequence = [_source_reference(sop_class_uid, source_uid)]
+        else:
+            repairs.append("source image not referenced (its SOPInstanceUID is not a valid UID)")
+        ds.DerivationDescription = derivation.description + (f"; repaired: {'; '.join(repairs)}" if repairs else "")
         ds.SeriesNumber = int(source.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET
         ds.SeriesDescription = _series_description(source, derivation.method)
         ds.SoftwareVersions = _software_versions(source, derivation.software)
@@ -238,27 +346,56 @@ class DerivedSeriesWriter:
         if spacing.startswith("-"):
             ds.SpacingBetweenSlices = spacing[1:]
 
-    def _set_pixels(self, ds: Dataset, hu: np.ndarray) -> None:
+    def _set_pixels(self, ds: Dataset, hu: np.ndarray, frames: list[int | None], count: bool) -> None:
         signed = int(ds.PixelRepresentation) == 1
         value_range = stored_range(int(ds.BitsStored), signed)
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        stored, clipped = hu_to_stored(hu, slope, intercept, value_range, np.dtype("<i2" if signed else "<u2"))
-        low, high = (v * slope + intercept for v in value_range)
-        self._storage = f"stored as round((HU - {intercept:g}) / {slope:g}) in [{low:g}, {high:g}] HU"
-        self.clipped += clipped
-        self.voxels += stored.size
+        dtype = np.dtype("<i2" if signed else "<u2")
+        stored = np.empty(hu.shape, dtype)
+        for k, frame in enumerate(frames):
+            slope, intercept = frame_rescale(ds, frame, assume_identity=True)
+            stored[k], clipped = hu_to_stored(hu[k], slope, intercept, value_range, dtype)
+            low, high = (v * slope + intercept for v in value_range)
+            self._storage = f"stored as round((HU - {intercept:g}) / {slope:g}) in [{low:g}, {high:g}] HU"
+            if count:
+                self.clipped += clipped
+                self.voxels += stored[k].size
         ds.PixelData = stored.tobytes()
         ds["PixelData"].VR = "OW"
 
-
     def finish(self) -> None:
-        """Log what was written: slices, storage, and how many voxels were clipped to the stored range."""
+        """Log what was written: slices, storage, repairs, and how many voxels were clipped to the stored range.
+
+        Raises:
+            ValueError: frames of a multi-frame source are still missing.
+        """
+        if self._pending:
+            source, frames = next(iter(self._pending.values()))
+            raise ValueError(f"{len(frames)} of {source.NumberOfFrames} frames of {source.SOPInstanceUID} written")
         share = self.clipped / self.voxels if self.voxels else 0.0
         log.info(
-            "derived series %s: %d slice(s), %s (rounding error ≤ slope/2); %d voxel(s) (%.3f%%) clipped to that range",
-            self.series_uid, self.slices, self._storage, self.clipped, 100 * share,
+            "derived series %s: %d slice(s) in %d file(s), %s (rounding error ≤ slope/2); %d voxel(s) (%.3f%%) "
+            "clipped to that range%s",
+            self.series_uid, self.slices, self.files, self._storage, self.clipped, 100 * share,
+            f"; repaired: {'; '.join(self.repairs)}" if self.repairs else "",
         )
+
+
+def _derived_image_type(source: Dataset) -> list[str]:
+    """DERIVED\\SECONDARY + the source's further values (AXIAL for a classic image without them);
+    DERIVED\\PRIMARY for Enhanced CT, whose value 2 is always PRIMARY."""
+    values = [str(v) for v in (source.get("ImageType") or [])]
+    if is_multiframe(source):
+        return ["DERIVED", "PRIMARY", *(values[2:] or ["AXIAL", "NONE"])]
+    return DERIVED_IMAGE_TYPE[:2] + (values[2:] or DERIVED_IMAGE_TYPE[2:])
+
+
+def _derive_frame_types(ds: Dataset) -> None:
+    """FrameType of every functional group DERIVED\\PRIMARY, as the derived ImageType."""
+    groups = list(ds.get("SharedFunctionalGroupsSequence") or []) + list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    for group in groups:
+        for item in group.get("CTImageFrameTypeSequence") or []:
+            values = [str(v) for v in (item.get("FrameType") or [])]
+            item.FrameType = ["DERIVED", "PRIMARY", *values[2:]]
 
 
 def write_derived_series(volume: CTVolume, hu: np.ndarray, folder: Path, derivation: Derivation) -> DerivedSeriesWriter:
@@ -275,6 +412,6 @@ def write_derived_series(volume: CTVolume, hu: np.ndarray, folder: Path, derivat
     if volume.padding_mask is not None:
         hu = np.where(volume.padding_mask, volume.hu, hu)
     writer = DerivedSeriesWriter(folder, derivation, volume.series_uid)
-    writer.write(volume.datasets, hu)
+    writer.write(volume.datasets, hu, volume.frames)
     writer.finish()
     return writer

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 from n2g_ct.errors import InputError
-from n2g_ct.io.dicom import DicomSeries, read_dicom_series, scan_dicom
+from n2g_ct.io.dicom import DicomSeries, read_dicom_series, scan_dicom_tree
 from n2g_ct.io.nifti import is_nifti, read_nifti
 from n2g_ct.io.volume import CTVolume
 
@@ -24,24 +24,27 @@ def _geometry(volume: CTVolume) -> str:
     return f"size {nx}x{ny}, {nz} slice(s), spacing {sx:.3g} x {sy:.3g} x {sz:.3g} mm"
 
 
-def _describe_series(series: DicomSeries, allow_non_ct: bool) -> list[str]:
-    lines = [f"DICOM series {series.series_uid}", f"  folder: {series.folder}"]
+def _describe_series(series: DicomSeries, allow_non_ct: bool, assume_identity_rescale: bool) -> list[str]:
+    files = len(dict.fromkeys(series.paths))
+    frames = f" ({len(series)} frame(s) in {files} file(s))" if files != len(series) else ""
+    lines = [f"DICOM series {series.series_uid}{frames}", f"  folder: {series.folder}"]
     lines.append(f"  modality {series.modality or '(none)'}, transfer syntax {series.transfer_syntax}")
+    if series.grid_problem:
+        lines.append(f"  not a regular grid: {series.grid_problem} (denoised slice by slice)")
     try:
-        volume = read_dicom_series(series, allow_non_ct=allow_non_ct)
+        volume = read_dicom_series(series, allow_non_ct=allow_non_ct, assume_identity_rescale=assume_identity_rescale)
     except InputError as exc:
         return lines + [f"  not readable as a CT volume: {exc}"]
     lines.append(f"  {_geometry(volume)}")
     lines.append(f"  {_hu_range(volume)}")
     if volume.padding_mask is not None:
         lines.append(f"  padding: {volume.padding_mask.mean():.1%} of voxels (outside the field of view)")
-    if len(volume.source_paths) < len(series):
-        lines.append(f"  {len(series) - len(volume.source_paths)} unusable file(s) skipped (see warnings)")
     return lines
 
 
-def describe_path(path: Path, *, allow_non_ct: bool = False) -> str:
-    """One block of lines per series or NIfTI volume found at ``path``.
+def describe_path(path: Path, *, allow_non_ct: bool = False, assume_identity_rescale: bool = False) -> str:
+    """One block of lines per series or NIfTI volume found at ``path``, then the files set aside
+    (not CT image slices) and the damaged files, each with its reason.
 
     Raises:
         InputError: nothing readable at ``path``.
@@ -55,11 +58,11 @@ def describe_path(path: Path, *, allow_non_ct: bool = False) -> str:
         "\n".join([f"NIfTI volume {p}", f"  {_geometry(v)}", f"  {_hu_range(v)}"])
         for p, v in ((p, read_nifti(p)) for p in nifti_files)
     ]
-    try:
-        found = scan_dicom(path, with_pixels=True)
-    except InputError:
-        if not blocks:
-            raise
-        found = []
-    blocks += ["\n".join(_describe_series(s, allow_non_ct)) for s in found]
+    scan = scan_dicom_tree(path, keep_datasets=True)
+    blocks += ["\n".join(_describe_series(s, allow_non_ct, assume_identity_rescale)) for s in scan.series]
+    for title, items in (("set aside (not CT image slices)", scan.set_aside), ("damaged", scan.damaged)):
+        if items:
+            blocks.append("\n".join([f"{len(items)} file(s) {title}:", *(f"  {item}" for item in items)]))
+    if not blocks:
+        raise InputError(f"{path}: no DICOM file or NIfTI volume found")
     return "\n\n".join(blocks)

@@ -25,9 +25,14 @@ class CTVolume:
         padding_mask: bool (z, y, x), True where the scanner stored PixelPaddingValue
             (outside the reconstructed field of view); ``None`` when the source has no padding.
         datasets: one pydicom ``Dataset`` per slice, in array order, with PixelData removed:
-            the templates for a derived series. Empty for NIfTI input.
+            the templates for a derived series (the frames of a multi-frame file share one).
+            Empty for NIfTI input.
+        frames: per slice, its frame index in a multi-frame DICOM file, None for single-frame.
         source_paths: the file per slice (DICOM) or the single file (NIfTI).
-        skipped_paths: files of the series left out as unusable (truncated, corrupt, no pixels).
+        slice_positions_lps: (z, 3) LPS position (mm) of each slice's first voxel, or None for a
+            regular grid (then computed from origin, direction and spacing).
+        grid_problem: why the slices are not a regular grid (irregular spacing, duplicated
+            positions, gantry tilt, mixed orientations), or None.
         series_uid: SeriesInstanceUID (DICOM) or ``None``.
         nifti_header: the source ``nibabel`` header for NIfTI input, else ``None``.
     """
@@ -38,8 +43,10 @@ class CTVolume:
     direction: np.ndarray
     padding_mask: np.ndarray | None = None
     datasets: list[Any] = field(default_factory=list)
+    frames: list[int | None] = field(default_factory=list)
     source_paths: list[Path] = field(default_factory=list)
-    skipped_paths: list[Path] = field(default_factory=list)
+    slice_positions_lps: np.ndarray | None = None
+    grid_problem: str | None = None
     series_uid: str | None = None
     nifti_header: Any = None
 
@@ -47,6 +54,13 @@ class CTVolume:
     def shape(self) -> tuple[int, int, int]:
         """(z, y, x) voxel counts."""
         return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    def positions_lps(self) -> np.ndarray:
+        """(z, 3) LPS position (mm) of each slice's first voxel."""
+        if self.slice_positions_lps is not None:
+            return self.slice_positions_lps
+        step = self.direction[:, 2] * self.spacing_xyz[2]
+        return np.asarray(self.origin_xyz) + np.arange(self.shape[0])[:, None] * step
 
     def affine_lps(self) -> np.ndarray:
         """4×4 voxel-index (x, y, z) → LPS mm matrix."""
