@@ -1,11 +1,15 @@
 """Outputs that appear only when complete: files through a temp file + rename, folders staged aside.
 
-A reader sees the old output or the new one, never a partial one. An interrupted run leaves at most a
-hidden ``.NAME.partial-PID`` sibling, which the next run removes once that process is gone.
+A reader sees the old output or the new one, never a partial one: everything is fsynced before it is
+renamed into place, and the parent folder after. An interrupted run leaves at most hidden
+``.NAME.partial-PID...`` siblings (temp files end in ``.tmp``), which readers skip (hidden) and the
+next write of that output, or :func:`remove_stale` over a run's output folder, removes once process
+PID is gone (on this machine: a folder shared by several machines needs one writer at a time).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -33,6 +37,49 @@ def _process_running(pid: int) -> bool:
     return True
 
 
+def _is_stale(name: str) -> bool:
+    """True for a ``.NAME.partial-PID...`` entry whose process is no longer running."""
+    pid = name.rpartition(PARTIAL_MARK)[2].split(".")[0]
+    return name.startswith(".") and PARTIAL_MARK in name and (not pid.isdigit() or not _process_running(int(pid)))
+
+
+def _remove_stale_siblings(output: Path) -> None:
+    for stale in output.parent.glob(f".{output.name}{PARTIAL_MARK}*"):
+        if _is_stale(stale.name):
+            _remove(stale)
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the partial outputs and temp files of dead runs anywhere below ``folder``; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.rglob(f".*{PARTIAL_MARK}*") if _is_stale(p.name)]
+    stale = [p for p in stale if not any(parent in stale for parent in p.parents)]
+    for path in stale:
+        _remove(path)
+    return stale
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a folder: nothing more to do there
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder below ``path`` (and ``path``)."""
+    if path.is_dir():
+        for child in path.rglob("*"):
+            _fsync(child)
+    _fsync(path)
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temp file beside ``path`` to write to; fsynced and renamed onto ``path`` on success.
@@ -42,16 +89,17 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_siblings(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -68,21 +116,19 @@ def staged_output(output: Path) -> Iterator[Path]:
 
     The staging path is not created (make the folder or write the file); it keeps ``output``'s
     suffixes so that writers choosing a format by name (``.nii.gz``) still do. An existing
-    ``output`` is replaced only once the new one is complete. Partial outputs of runs that are no
-    longer alive are removed first; on error the staging path is removed.
+    ``output`` is replaced only once the new one is complete and fsynced. Partial outputs of runs
+    that are no longer alive are removed first; on error the staging path is removed.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{output.name}{PARTIAL_MARK}"
-    for stale in output.parent.glob(f"{prefix}*"):
-        pid = stale.name[len(prefix):].split(".")[0]
-        if not pid.isdigit() or not _process_running(int(pid)):
-            _remove(stale)
+    _remove_stale_siblings(output)
     suffix = "".join(output.suffixes) if output.suffix in (".nii", ".gz") else ""
     staging = output.parent / f"{prefix}{os.getpid()}{suffix}"
     _remove(staging)
     try:
         yield staging
+        _fsync_tree(staging)
         if output.is_dir():
             old = output.parent / f"{prefix}{os.getpid()}.old"
             os.rename(output, old)
@@ -94,5 +140,6 @@ def staged_output(output: Path) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(staging, output)
+        _fsync(output.parent)
     finally:
         _remove(staging)

@@ -12,7 +12,10 @@ test pairs' low-dose series and its noisy pool, each whole). Outputs mirror the 
 
 plus ``OUT/denoise_summary.csv``: one row per job (input, series UID, output, slices, status
 ``done``/``skipped``/``refused``/``failed``, seconds, clipped voxels, the self-check values,
-message), rewritten after each job.
+message), rewritten after each job. What is not a CT image slice (other modalities, localizers,
+secondary captures, DICOMDIR indexes, images without standard pixel data) gets a ``skipped`` row
+with the reason; a damaged file fails its series by name. Any slice geometry is denoised slice by
+slice (irregular spacing, gaps, duplicated positions, tilt); Enhanced CT frames too.
 
 Self-check: every series is checked, reference-free, while it is denoised (:mod:`n2g_ct.self_check`:
 the HU shift in uniform soft tissue, the power removed per band against the series' own noise,
@@ -23,7 +26,10 @@ Safety: a job is written to a hidden ``.<name>.partial-<pid>`` sibling of its ou
 into place when complete, so an output that exists is complete; a re-run skips it (``overwrite``
 redoes it) after checking that it was made from the same series with the same model. Inputs are
 only read: OUT inside an input, or any output landing inside one, is refused before anything is
-written. A job that fails is reported and the others go on. One run per OUT at a time.
+written. Before any model time is spent, OUT must be writable, every slice must have a usable
+rescale and every series' derived header must build (else that series fails). A job that fails is
+reported and the others go on. Partial outputs of dead runs below OUT are removed at the start.
+One run per OUT at a time.
 
 DICOM series stream through memory ``max(batch_size, 32)`` slices at a time, so host memory does
 not grow with the series length; NIfTI volumes are read whole.
@@ -47,7 +53,7 @@ from pydicom.misc import is_dicom
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from n2g_ct.atomic import staged_output, write_text_atomic
+from n2g_ct.atomic import remove_stale, staged_output, write_text_atomic
 from n2g_ct.checkpoint import file_sha256, load_checkpoint
 from n2g_ct.errors import ConfigError, InputError, N2GError
 from n2g_ct.inference import (
@@ -469,6 +475,8 @@ def denoise_inputs(
     jobs, outcomes = plan_jobs(inputs, out, split=split, include_localizers=include_localizers)
     jobs = [replace(job, identity_rescale=assume_identity_rescale) for job in jobs]
     out = Path(out).expanduser().resolve()
+    for stale in remove_stale(out):
+        log.info("removed %s, left by an interrupted run", stale)
     summary = DenoiseSummary(outcomes, out / SUMMARY_NAME)
     _write_summary(summary.csv_path, summary.outcomes)  # fails now, not after the model ran, if OUT is not writable
     state = load_checkpoint(model)

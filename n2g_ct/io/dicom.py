@@ -122,11 +122,20 @@ class DicomScan:
 
 def visible_files(root: Path) -> list[Path]:
     """Every file below the folder ``root``, sorted, outside hidden files and folders (the staging
-    folders of running or killed jobs, temp files): those are never data."""
-    return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    folders of running or killed jobs, temp files): those are never data.
+
+    Raises:
+        InputError: a folder below ``root`` cannot be listed (its files would be missed silently).
+    """
+
+    def refuse(exc: OSError) -> None:
+        raise InputError(f"{exc.filename}: {exc.strerror} (the folder cannot be listed)")
+
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=refuse):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        files += [Path(folder) / n for n in names if not n.startswith(".") and (Path(folder) / n).is_file()]
+    return sorted(files)
 
 
 def _list_files(root: Path) -> list[Path]:
@@ -134,8 +143,6 @@ def _list_files(root: Path) -> list[Path]:
         return [root]
     if not root.exists():
         raise InputError(f"{root}: no such file or folder")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise InputError(f"{root}: permission denied (the folder cannot be listed)")
     files = visible_files(root)
     if not files:
         raise InputError(f"{root}: the folder is empty")
@@ -376,9 +383,9 @@ def _series_from_members(uid: str, files: list[tuple[Path, Dataset, list]], keep
         geometry = [frame_geometry(ds, i) for i in indices]
         if any(g is None for g in geometry):
             what = sop_class(ds)
-            lacking.append((path, "no patient geometry (ImagePositionPatient/ImageOrientationPatient)"
+            lacking.append((path, f"modality {ds.get('Modality') or '(none)'}"
                             + (f", {what.name}" if what is not None and what.name else "")
-                            + ": not an axial CT slice"))
+                            + ", no patient geometry (ImagePositionPatient/ImageOrientationPatient): not an axial CT slice"))
             continue
         frames += [(path, i, ds, o, p) for i, (o, p) in zip(indices, geometry)]
     if not frames:

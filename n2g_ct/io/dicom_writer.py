@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -199,7 +198,7 @@ class DerivedSeriesWriter:
     Files are named ``IM00000.dcm``, ``IM00001.dcm``, ... in the order written (callers write in
     slice order, ascending along the slice normal). A multi-frame source (Enhanced CT) gives one
     derived multi-frame file, written once all its frames have arrived. Counts the voxels clipped
-    to the stored range. Every file is fsynced before the writer returns it.
+    to the stored range.
 
     Args:
         folder: output folder (created with the first file).
@@ -258,10 +257,7 @@ class DerivedSeriesWriter:
     def _save(self, ds: Dataset) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"IM{self.files:05d}.dcm"
-        with open(path, "wb") as f:
-            ds.save_as(f, enforce_file_format=True)
-            f.flush()
-            os.fsync(f.fileno())
+        ds.save_as(path, enforce_file_format=True)
         self.files += 1
         return path
 
