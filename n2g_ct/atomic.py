@@ -80,6 +80,16 @@ def _fsync_tree(path: Path) -> None:
     _fsync(path)
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` (and parents) and check that files can be made in it; OSError naming the
+    path otherwise. Call it before long work whose results go there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=f".probe{PARTIAL_MARK}{os.getpid()}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temp file beside ``path`` to write to; fsynced and renamed onto ``path`` on success.
@@ -117,11 +127,12 @@ def staged_output(output: Path) -> Iterator[Path]:
     The staging path is not created (make the folder or write the file); it keeps ``output``'s
     suffixes so that writers choosing a format by name (``.nii.gz``) still do. An existing
     ``output`` is replaced only once the new one is complete and fsynced. Partial outputs of runs
-    that are no longer alive are removed first; on error the staging path is removed.
+    that are no longer alive are removed first, and the parent is checked to be writable (OSError
+    on entry, before any work); on error the staging path is removed.
     """
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{output.name}{PARTIAL_MARK}"
+    check_writable(output.parent)
     _remove_stale_siblings(output)
     suffix = "".join(output.suffixes) if output.suffix in (".nii", ".gz") else ""
     staging = output.parent / f"{prefix}{os.getpid()}{suffix}"

@@ -394,7 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except OSError as exc:  # permissions, a file where a folder should be, a full disk: name the path
         where = exc.filename or "(no path)"
-        print(f"n2g-ct {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        problem = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and Path(where).is_file():
+            problem = "is a file where a folder is needed"
+        print(f"n2g-ct {args.command}: error: {where}: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"n2g-ct {args.command}: interrupted", file=sys.stderr)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct import __version__
-from n2g_ct.atomic import staged_output
+from n2g_ct.atomic import check_writable, staged_output
 from n2g_ct.baselines import (
     bm3d_denoise,
     estimate_noise_psd,
@@ -418,6 +418,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ConfigError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+    check_writable(out_dir.resolve().parent)
 
 
 # --------------------------------------------------------------------------------------------------

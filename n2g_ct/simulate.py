@@ -791,7 +791,7 @@ def simulate_series(
         InputError: unreadable source, or ``out`` not usable.
         ConfigError: a parameter is out of range.
     """
-    from n2g_ct.atomic import staged_output
+    from n2g_ct.atomic import check_writable, staged_output
     from n2g_ct.devices import Processes, select_device
     from n2g_ct.io import read_volume
     from n2g_ct.io.dicom_writer import write_derived_series
@@ -802,6 +802,7 @@ def simulate_series(
         raise InputError(f"output {out} exists and is not an empty folder")
     if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise InputError(f"output {out} lies inside the input {source}")
+    check_writable(out.resolve().parent)
     volume = read_volume(source)
     torch_device = select_device(device, Processes())
     batch_size = batch_size or (16 if torch_device.type == "cuda" else 4)

@@ -22,6 +22,7 @@ from n2g_ct.denoise import SUMMARY_NAME
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.io import read_volume
 from n2g_ct.io.summary import describe_path
+from n2g_ct.models import STARTER_MODEL
 from n2g_ct.train_config import TrainConfig
 
 
@@ -229,6 +230,20 @@ def test_an_output_under_a_file_is_one_line_with_status_2(tmp_path, model, capsy
     assert denoise(tmp_path / "s", "--out", tmp_path / "file" / "out", "--model", model) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and str(tmp_path / "file") in err
+
+
+@pytest.mark.parametrize("command", ["export", "simulate", "evaluate"])
+def test_other_commands_check_their_output_location_before_working(tmp_path, model, command, capsys, monkeypatch):
+    write_ct_series(tmp_path / "s", phantom_hu((2, 16, 16)))
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"
+    monkeypatch.setattr("n2g_ct.simulate.simulate_low_dose", lambda *a, **k: pytest.fail("simulated before checking"))
+    argv = {"export": ["export", STARTER_MODEL, "--out", out],
+            "simulate": ["simulate", tmp_path / "s", "--dose", "0.25", "--out", out],
+            "evaluate": ["evaluate", "--pair", tmp_path / "s", tmp_path / "s", "--out", out, "--no-progress"]}[command]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file where a folder is needed" in err[0]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of permissions")

@@ -165,17 +165,19 @@ def _set_transfer_syntax(ds: Dataset) -> None:
     )
 
 
-def read_dicom_file(path: Path) -> Dataset | SetAside | None:
-    """``path`` parsed (values over a few kB, such as pixel data, deferred); None when it is not
-    DICOM at all; a :class:`SetAside` when it is a damaged DICOM file (the reason says how)."""
+def read_dicom_file(path: Path, defer: bool = True) -> Dataset | SetAside | None:
+    """``path`` parsed (with ``defer``, values over a few kB such as pixel data stay on disk until
+    used); None when it is not DICOM at all; a :class:`SetAside` when it is a damaged DICOM file
+    (the reason says how)."""
+    defer_size = _DEFER_BYTES if defer else None
     try:
         size = path.stat().st_size
         if size == 0:
             return SetAside(path, "empty file (0 bytes)") if _looks_like_dicom_name(path) else None
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+            ds = pydicom.dcmread(path, defer_size=defer_size)
         except InvalidDicomError:  # no preamble / no file meta: a bare dataset, or not DICOM at all
-            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+            ds = pydicom.dcmread(path, defer_size=defer_size, force=True)
             if not ("SOPClassUID" in ds or ("Modality" in ds and "Rows" in ds)):
                 return SetAside(path, "not a readable DICOM file") if size < 132 and _looks_like_dicom_name(path) else None
         _set_transfer_syntax(ds)
@@ -395,15 +397,17 @@ def _series_from_members(uid: str, files: list[tuple[Path, Dataset, list]], keep
     return _build_series(uid, frames, keep)
 
 
-def scan_dicom_tree(root: Path, *, keep_datasets: bool = False, include_localizers: bool = False) -> DicomScan:
+def scan_dicom_tree(root: Path, *, keep_datasets: bool = False, read_pixels: bool = False,
+                    include_localizers: bool = False) -> DicomScan:
     """Find every CT image series below ``root`` (a folder tree or a single file), from headers.
 
     Damaged files are attached to the series in their folder (``DicomSeries.damaged``) and also
     listed in the result; files that are not slices of an image series are listed as set aside.
 
     Args:
-        keep_datasets: keep the parsed files (pixel data deferred) so that reading does not parse
-            them again.
+        keep_datasets: keep the parsed files so that reading does not parse them again.
+        read_pixels: read the pixel data too (one pass over the files when the series will be
+            decoded anyway); otherwise it stays on disk until decoded.
         include_localizers: take localizers/scouts as slices too.
 
     Raises:
@@ -414,7 +418,7 @@ def scan_dicom_tree(root: Path, *, keep_datasets: bool = False, include_localize
     set_aside: list[SetAside] = []
     damaged: list[SetAside] = []
     for path in _list_files(root):
-        parsed = read_dicom_file(path)
+        parsed = read_dicom_file(path, defer=not read_pixels)
         if isinstance(parsed, SetAside):
             damaged.append(parsed)
         elif parsed is not None:
@@ -431,7 +435,8 @@ def scan_dicom(root: Path, *, with_pixels: bool = False, include_localizers: boo
 
     ``with_pixels`` keeps the parsed files for :func:`read_dicom_series` (one parse instead of two).
     """
-    found = scan_dicom_tree(root, keep_datasets=with_pixels, include_localizers=include_localizers)
+    found = scan_dicom_tree(root, keep_datasets=with_pixels, read_pixels=with_pixels,
+                            include_localizers=include_localizers)
     if not found.series:
         others = found.damaged + found.set_aside
         detail = f": {others[0]}" + (f" (and {len(others) - 1} more)" if len(others) > 1 else "") if others else ""

@@ -58,7 +58,7 @@ def describe_path(path: Path, *, allow_non_ct: bool = False, assume_identity_res
         "\n".join([f"NIfTI volume {p}", f"  {_geometry(v)}", f"  {_hu_range(v)}"])
         for p, v in ((p, read_nifti(p)) for p in nifti_files)
     ]
-    scan = scan_dicom_tree(path, keep_datasets=True)
+    scan = scan_dicom_tree(path, keep_datasets=True, read_pixels=True)
     blocks += ["\n".join(_describe_series(s, allow_non_ct, assume_identity_rescale)) for s in scan.series]
     for title, items in (("set aside (not CT image slices)", scan.set_aside), ("damaged", scan.damaged)):
         if items:
