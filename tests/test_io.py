@@ -222,6 +222,19 @@ def test_monai_load_image_uses_the_reader(tmp_path):
     np.testing.assert_allclose(np.asarray(image.affine), read_volume(tmp_path).affine_ras())
 
 
+def test_monai_refuses_one_affine_for_an_irregular_series_and_says_what_reads_it(tmp_path):
+    from monai.transforms import LoadImage
+
+    from n2g_ct.io.monai_reader import CTSeriesReader
+
+    uid = "1.2.826.0.1.97"
+    write_ct_series(tmp_path, phantom_hu((3, 8, 8)), series_uid=uid, spacing_xyz=(0.7, 0.7, 2.0))
+    write_ct_series(tmp_path, phantom_hu((2, 8, 8)), series_uid=uid, spacing_xyz=(0.7, 0.7, 5.0),
+                    origin_xyz=(0, 0, 10), file_names=["x.dcm", "y.dcm"])
+    with pytest.raises(InputError, match="irregular slice spacing.*slice by slice, or resample"):
+        LoadImage(reader=CTSeriesReader(), image_only=True)(str(tmp_path))
+
+
 # --- the CLI --------------------------------------------------------------------------------
 
 
@@ -251,7 +264,7 @@ def test_cli_errors_are_one_line_without_traceback_or_patient_data(tmp_path):
         assert "Smith" not in out and "MRN-1" not in out
     assert run_cli("info", tmp_path / "missing").returncode == 2
     shutil.rmtree(tmp_path / "y")
-    assert "not readable as a CT volume" in run_cli("info", tmp_path / "x").stdout
+    assert "not CT: not read" in run_cli("info", tmp_path / "x").stdout
 
 
 def test_version_and_help():

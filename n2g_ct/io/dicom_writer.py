@@ -172,6 +172,15 @@ _TYPE2 = (
     "PositionReferenceIndicator", "InstanceNumber",
 )
 _TYPE2_CLASSIC = ("KVP", "AcquisitionNumber", "SliceThickness", "PatientOrientation")
+# Clinical Trial Subject / Study / Series modules: (attributes that show the module is present,
+# its type 2 attributes, added when it is).
+_CLINICAL_TRIAL_MODULES = (
+    (("ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID"),
+     ("ClinicalTrialProtocolName", "ClinicalTrialSiteID", "ClinicalTrialSiteName")),
+    (("ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription"), ("ClinicalTrialTimePointID",)),
+    (("ClinicalTrialCoordinatingCenterName", "ClinicalTrialSeriesID", "ClinicalTrialSeriesDescription"),
+     ("ClinicalTrialCoordinatingCenterName",)),
+)
 _MAX_UID_LENGTH = 64
 
 
@@ -286,7 +295,13 @@ class DerivedSeriesWriter:
         """Add what anonymisers and old scanners leave out and a derived series may supply."""
         repairs = []
         multiframe = is_multiframe(source)
-        missing = [k for k in _TYPE2 + (() if multiframe else _TYPE2_CLASSIC) if k not in ds]
+        expected = _TYPE2 + (() if multiframe else _TYPE2_CLASSIC)
+        for markers, type2 in _CLINICAL_TRIAL_MODULES:
+            if any(k in ds for k in markers):
+                expected += type2
+        if not multiframe and not {"BodyPartExamined", "ImageLaterality"} & set(ds.dir()):
+            expected += ("Laterality",)  # type 2C: required unless the body part is known to be unpaired
+        missing = [k for k in expected if k not in ds]
         for keyword in missing:
             setattr(ds, keyword, None)
         if missing:

@@ -41,8 +41,15 @@ class CTSeriesReader(ImageReader):
         return [read_volume(Path(d), allow_non_ct=self.allow_non_ct) for d in data]
 
     def get_data(self, img: CTVolume | list[CTVolume]) -> tuple[np.ndarray, dict]:
-        """(HU array (x, y, z), or (n, x, y, z) for several volumes; MONAI metadata with a RAS affine)."""
+        """(HU array (x, y, z), or (n, x, y, z) for several volumes; MONAI metadata with a RAS affine).
+
+        Raises:
+            InputError: a volume is not a regular grid (irregular spacing, duplicated positions,
+                tilt, mixed orientations): one affine cannot place its slices.
+        """
         volumes = [img] if isinstance(img, CTVolume) else list(img)
+        for volume in volumes:
+            volume.require_regular_grid("a MONAI image with one affine")
         arrays = [v.hu.transpose(2, 1, 0) for v in volumes]
         first = volumes[0]
         meta = {

@@ -29,6 +29,8 @@ def _describe_series(series: DicomSeries, allow_non_ct: bool, assume_identity_re
     frames = f" ({len(series)} frame(s) in {files} file(s))" if files != len(series) else ""
     lines = [f"DICOM series {series.series_uid}{frames}", f"  folder: {series.folder}"]
     lines.append(f"  modality {series.modality or '(none)'}, transfer syntax {series.transfer_syntax}")
+    if series.modality != "CT" and not allow_non_ct:
+        return lines + [f"  {len(series)} slice(s), not CT: not read (--allow-non-ct reads it)"]
     if series.grid_problem:
         lines.append(f"  not a regular grid: {series.grid_problem} (denoised slice by slice)")
     try:

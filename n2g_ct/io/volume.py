@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from n2g_ct.errors import InputError
+
 
 @dataclass
 class CTVolume:
@@ -61,6 +63,14 @@ class CTVolume:
             return self.slice_positions_lps
         step = self.direction[:, 2] * self.spacing_xyz[2]
         return np.asarray(self.origin_xyz) + np.arange(self.shape[0])[:, None] * step
+
+    def require_regular_grid(self, purpose: str) -> None:
+        """InputError (one line, with the way out) when the slices are not a regular grid."""
+        if self.grid_problem is not None:
+            raise InputError(
+                f"series {self.series_uid}: {purpose} needs a regular slice grid, but the series has "
+                f"{self.grid_problem}; n2g-ct denoise/train/evaluate read it slice by slice, or resample it first"
+            )
 
     def affine_lps(self) -> np.ndarray:
         """4×4 voxel-index (x, y, z) → LPS mm matrix."""
