@@ -395,8 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # permissions, a file where a folder should be, a full disk: name the path
         where = exc.filename or "(no path)"
         problem = exc.strerror or str(exc)
-        if isinstance(exc, (FileExistsError, NotADirectoryError)) and Path(where).is_file():
-            problem = "is a file where a folder is needed"
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            in_the_way = next((p for p in (Path(where), *Path(where).parents) if p.is_file()), None)
+            if in_the_way is not None:
+                where, problem = in_the_way, "is a file where a folder is needed"
         print(f"n2g-ct {args.command}: error: {where}: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
