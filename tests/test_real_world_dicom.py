@@ -155,6 +155,17 @@ def test_two_images_at_one_position_stay_two_derived_images(tmp_path, model):
     assert len(derived(tmp_path / "out")) == 4
 
 
+def test_a_second_copy_of_one_instance_is_set_aside_not_written_twice(tmp_path, model):
+    """The same SOP instance in two folders (e.g. two transfer syntaxes): one derived image, one note."""
+    paths = write_ct_series(tmp_path / "in" / "a", phantom_hu((2, 16, 16)))
+    (tmp_path / "in" / "b").mkdir()
+    (tmp_path / "in" / "b" / "copy.dcm").write_bytes(paths[0].read_bytes())
+    assert denoise(tmp_path / "in", "--out", tmp_path / "out", "--model", model) == 0
+    assert len(derived(tmp_path / "out")) == 2
+    (skipped,) = [r for r in rows(tmp_path / "out") if r["status"] == "skipped"]
+    assert "copy.dcm" in skipped["input"] and "another copy of SOP instance" in skipped["message"]
+
+
 # --- objects that are not CT slices ----------------------------------------------------------------
 
 

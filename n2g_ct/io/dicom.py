@@ -376,9 +376,17 @@ def _sort_file(path: Path, ds: Dataset, include_localizers: bool, members: dict,
 def _series_from_members(uid: str, files: list[tuple[Path, Dataset, list]], keep: bool,
                          set_aside: list, damaged: list) -> DicomSeries | None:
     """The series of one SeriesInstanceUID's files; files without pixels or geometry go to
-    ``set_aside`` when no file of the series has them, else to ``damaged``."""
+    ``set_aside`` when no file of the series has them, else to ``damaged``; a second copy of one
+    SOP instance is set aside (its derived image would have the same UID)."""
     frames, lacking = [], []
+    first_copy: dict[str, Path] = {}
     for path, ds, indices in files:
+        instance = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if instance in first_copy:  # one instance stored twice (e.g. in two transfer syntaxes)
+            set_aside.append(SetAside(path, f"another copy of SOP instance {instance} (read from {first_copy[instance]})"))
+            continue
+        if instance:
+            first_copy[instance] = path
         if not _has_pixels(ds):
             lacking.append((path, "no standard Pixel Data (7FE0,0010): the image is missing or only in a private element"))
             continue
