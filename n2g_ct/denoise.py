@@ -11,7 +11,8 @@ test pairs' low-dose series and its noisy pool, each whole). Outputs mirror the 
     manifest                    → as a folder IN, IN being the manifest's data root
 
 plus ``OUT/denoise_summary.csv``: one row per job (input, series UID, output, slices, status
-``done``/``skipped``/``refused``/``failed``, seconds, clipped voxels, the self-check values,
+``done``/``skipped``/``refused``/``failed``, seconds, voxels clipped below and above the stored
+range (below: air, harmless; above: values lost), the self-check values,
 message), rewritten after each job. What is not a CT image slice (other modalities, localizers,
 secondary captures, DICOMDIR indexes, images without standard pixel data) gets a ``skipped`` row
 with the reason; a damaged file fails its series by name. Any slice geometry is denoised slice by
@@ -43,7 +44,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -63,7 +64,7 @@ from n2g_ct.inference import (
     denoiser_from_checkpoint,
 )
 from n2g_ct.io.dicom import DicomSeries, frame_rescale, read_dicom_series, scan_dicom_tree
-from n2g_ct.io.dicom_writer import Derivation, DerivedSeriesWriter
+from n2g_ct.io.dicom_writer import Clipping, Derivation, DerivedSeriesWriter
 from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
 from n2g_ct.io.volume import CTVolume
 from n2g_ct.manifest import load_manifest
@@ -73,7 +74,8 @@ from n2g_ct.self_check import SelfCheck, SelfCheckResult
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "denoise_summary.csv"
-SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_voxels", "self_check",
+SUMMARY_FIELDS = ("input", "series_uid", "output", "slices", "status", "seconds", "clipped_below", "clipped_above",
+                  "self_check",
                   "hu_shift_hu", "removed_noise_ratio", "edge_ratio", "message")
 READ_CHUNK_SLICES = 32
 """DICOM slices decoded at a time (at least one batch)."""
@@ -109,7 +111,7 @@ class Outcome:
     slices: int = 0
     series_uid: str = ""
     seconds: float = 0.0
-    clipped: int = 0
+    clipping: Clipping = field(default_factory=Clipping)
     check: SelfCheckResult | None = None
     message: str = ""
 
@@ -118,7 +120,7 @@ class Outcome:
             "pass" if self.check.passed else "FAIL", f"{self.check.hu_shift_hu:.2f}",
             f"{self.check.removed_noise_ratio:.3f}", f"{self.check.edge_ratio:.3f}")
         values = (self.source, self.series_uid, self.output or "", self.slices, self.status,
-                  f"{self.seconds:.2f}", self.clipped, *check, self.message)
+                  f"{self.seconds:.2f}", self.clipping.below, self.clipping.above, *check, self.message)
         return dict(zip(SUMMARY_FIELDS, (str(v) for v in values)))
 
 
@@ -314,18 +316,18 @@ def _denoise_checked(denoiser: Denoiser, volume: CTVolume, batch_size: int, chec
 
 def _denoise_dicom(job: Job, folder: Path, denoiser: Denoiser, derivation: Derivation, batch_size: int,
                    check: SelfCheck, on_slices: Callable[[int], None]) -> tuple[int, int]:
-    """Denoise a series into ``folder``; returns (slices written, voxels clipped)."""
+    """Denoise a series into ``folder``; returns (slices written, clipping)."""
     assert job.series is not None
     writer = DerivedSeriesWriter(folder, derivation, job.series.series_uid)
     for chunk in _read_chunks(job.series, max(batch_size, READ_CHUNK_SLICES), job.identity_rescale):
         writer.write(chunk.datasets, _denoise_checked(denoiser, chunk, batch_size, check, on_slices), chunk.frames)
     writer.finish()
-    return writer.slices, writer.clipped
+    return writer.slices, writer.clipping
 
 
 def _denoise_nifti(job: Job, path: Path, denoiser: Denoiser, batch_size: int, check: SelfCheck,
                    on_slices: Callable[[int], None]) -> tuple[int, int]:
-    """Denoise a NIfTI volume (whole) into the file ``path``; returns (slices, voxels clipped)."""
+    """Denoise a NIfTI volume (whole) into the file ``path``; returns (slices, clipping)."""
     volume = read_nifti(job.source)
     hu = _denoise_checked(denoiser, volume, batch_size, check, on_slices)
     return len(hu), write_nifti(path, hu, volume)
@@ -363,12 +365,12 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
         with tqdm(total=job.slices, unit="slice", desc=job.output.name[-24:], leave=False,
                   disable=not progress, dynamic_ncols=True) as bar, staged_output(job.output) as staging:
             if job.series is not None:
-                slices, clipped = _denoise_dicom(job, staging, denoiser, derivation, batch_size, check, bar.update)
+                slices, clipping = _denoise_dicom(job, staging, denoiser, derivation, batch_size, check, bar.update)
             else:
-                slices, clipped = _denoise_nifti(job, staging, denoiser, batch_size, check, bar.update)
+                slices, clipping = _denoise_nifti(job, staging, denoiser, batch_size, check, bar.update)
             outcome.check = check.result()
             _judge(job, outcome.check, force)
-        outcome.status, outcome.slices, outcome.clipped = "done", slices, clipped
+        outcome.status, outcome.slices, outcome.clipping = "done", slices, clipping
         if not outcome.check.passed:
             outcome.message = "written with --force although the self-check failed: " + "; ".join(outcome.check.failures)
         log.info("%s → %s: %d slice(s) in %.1f s; self-check: %s", job.source, job.output, slices,

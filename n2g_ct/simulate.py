@@ -816,8 +816,8 @@ def simulate_series(
         if source.is_file() and is_nifti(source):
             staging.mkdir()
             written = out / source.name
-            clipped = write_nifti(staging / source.name, result.hu, volume)
-            log.info("%d voxel(s) clipped to the NIfTI data type's range", clipped)
+            clipping = write_nifti(staging / source.name, result.hu, volume)
+            log.info("NIfTI data type's range: %d voxel(s) clipped below it, %d above it", clipping.below, clipping.above)
         else:
             written = out
             write_derived_series(volume, result.hu, staging, SimulationDerivation.of(result))

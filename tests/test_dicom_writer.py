@@ -166,10 +166,22 @@ def test_clipping_is_counted_and_logged(tmp_path, caplog):
     hu[1, 2, :2] = 70000  # above it
     with caplog.at_level(logging.INFO, logger="n2g_ct.io.dicom_writer"):
         writer = write_derived_series(volume, hu, tmp_path / "out", DERIVATION)
-    assert writer.clipped == 5 and writer.voxels == 128
+    assert (writer.clipping.below, writer.clipping.above, writer.clipping.voxels) == (3, 2, 128)
     back = read_volume(tmp_path / "out").hu
     assert back[0, 0, 0] == -1024 and back[1, 2, 0] == 64511 and back[0, 1, 1] == 0
-    assert "5 voxel(s)" in caplog.text and "[-1024, 64511] HU" in caplog.text
+    assert "stored = HU + 1024 (rounded), [-1024, 64511] HU" in caplog.text
+    assert "3 (2.34%) voxel(s) below -1024 HU (air" in caplog.text and "2 (1.56%) above 64511 HU (values lost)" in caplog.text
+
+
+def test_series_description_is_cut_without_breaking_brackets_and_software_is_not_repeated():
+    from n2g_ct.io.dicom_writer import _series_description, _software_versions
+
+    source = pydicom.Dataset()
+    source.SeriesDescription = "chest routine dose reconstructed with kernel B30f [n2g-ct sim dose 0.25]"
+    source.SoftwareVersions = ["scanner 1.0", f"n2g-ct {__version__}"]
+    text = _series_description(source, "noise2grad")
+    assert len(text) <= 64 and text.count("[") == text.count("]") == 1 and text.endswith(" [n2g-ct noise2grad]")
+    assert _software_versions(source, f"n2g-ct {__version__}") == ["scanner 1.0", f"n2g-ct {__version__}"]
 
 
 def test_compressed_source_gives_uncompressed_output(tmp_path):

@@ -125,32 +125,71 @@ def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
     return 0, (1 << bits_stored) - 1
 
 
+@dataclass
+class Clipping:
+    """Voxels whose HU fell outside a stored range: below it (in CT, air outside the body: harmless)
+    and above it (metal, dense bone: values lost), out of all voxels written."""
+
+    below: int = 0
+    above: int = 0
+    voxels: int = 0
+
+    def add(self, other: Clipping) -> None:
+        self.below += other.below
+        self.above += other.above
+        self.voxels += other.voxels
+
+    def describe(self, low_hu: float, high_hu: float) -> str:
+        """One phrase, e.g. ``"12.1% below -1024 HU (air, harmless), 0 above 3071 HU"``."""
+
+        def share(count: int) -> str:
+            return f"{count} ({100 * count / self.voxels:.3g}%)" if count and self.voxels else "0"
+
+        return (f"{share(self.below)} voxel(s) below {low_hu:g} HU (air outside the body: harmless), "
+                f"{share(self.above)} above {high_hu:g} HU (values lost)")
+
+
 def hu_to_stored(
     hu: np.ndarray, slope: float, intercept: float, value_range: tuple[int, int], dtype: np.dtype
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, Clipping]:
     """Stored values ``round((hu − intercept) / slope)`` clipped to ``value_range``, as ``dtype``.
 
     Rounding is to the nearest integer (ties to even), an error of at most ``slope / 2`` HU.
 
     Returns:
-        (stored values, number of values clipped).
+        (stored values, how many values were clipped below and above the range).
     """
     stored = np.rint((hu - np.float32(intercept)) / np.float32(slope))
     low, high = value_range
-    clipped = int(np.count_nonzero(stored < low) + np.count_nonzero(stored > high))
-    return np.clip(stored, low, high).astype(dtype), clipped
+    clipping = Clipping(int(np.count_nonzero(stored < low)), int(np.count_nonzero(stored > high)), stored.size)
+    return np.clip(stored, low, high).astype(dtype), clipping
+
+
+def storage_formula(slope: float, intercept: float) -> str:
+    """How HU become stored values, readable: ``stored = HU + 1024`` or ``stored = (HU - 5) / 0.5``."""
+    shifted = "HU" if intercept == 0 else f"HU {'+' if intercept < 0 else '-'} {abs(intercept):g}"
+    return f"stored = {shifted}" if slope == 1 else f"stored = ({shifted}) / {slope:g}"
 
 
 def _series_description(source: Dataset, method: str) -> str:
+    """The source's description + `` [n2g-ct METHOD]``, within LO's 64 characters: a cut never
+    leaves an unclosed bracket (an earlier suffix is dropped whole)."""
     suffix = f" [n2g-ct {method}]"
     base = str(source.get("SeriesDescription", "") or "").strip() or "series"
-    return base[: _SERIES_DESCRIPTION_MAX - len(suffix)] + suffix
+    budget = _SERIES_DESCRIPTION_MAX - len(suffix)
+    if len(base) > budget:
+        base = base[:budget]
+        if base.count("[") > base.count("]"):
+            base = base[: base.rfind("[")]
+        base = base.rstrip() or "series"
+    return base + suffix
 
 
 def _software_versions(source: Dataset, software: str) -> list[str]:
-    """The source's SoftwareVersions (LO, VM 1-n) with ``software`` appended."""
+    """The source's SoftwareVersions (LO, VM 1-n) with ``software`` appended unless already there."""
     values = source.get("SoftwareVersions") or []
-    return [str(v) for v in ([values] if isinstance(values, str) else values)] + [software]
+    values = [str(v) for v in ([values] if isinstance(values, str) else values)]
+    return values if software in values else values + [software]
 
 
 def _source_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
@@ -227,10 +266,10 @@ class DerivedSeriesWriter:
         self._date, self._time = created.strftime("%Y%m%d"), created.strftime("%H%M%S.%f")
         self.slices = 0
         self.files = 0
-        self.voxels = 0
-        self.clipped = 0
+        self.clipping = Clipping()
         self.repairs: list[str] = []
         self._storage = ""
+        self._range_hu = (0.0, 0.0)
         self._pending: dict[str, tuple[Dataset, dict[int, np.ndarray]]] = {}
 
     def write(self, sources: Sequence[Dataset], hu: np.ndarray, frames: Sequence[int | None] | None = None) -> list[Path]:
@@ -364,12 +403,11 @@ class DerivedSeriesWriter:
         stored = np.empty(hu.shape, dtype)
         for k, frame in enumerate(frames):
             slope, intercept = frame_rescale(ds, frame, assume_identity=True)
-            stored[k], clipped = hu_to_stored(hu[k], slope, intercept, value_range, dtype)
-            low, high = (v * slope + intercept for v in value_range)
-            self._storage = f"stored as round((HU - {intercept:g}) / {slope:g}) in [{low:g}, {high:g}] HU"
+            stored[k], clipping = hu_to_stored(hu[k], slope, intercept, value_range, dtype)
+            self._range_hu = tuple(v * slope + intercept for v in value_range)
+            self._storage = f"{storage_formula(slope, intercept)} (rounded), [{self._range_hu[0]:g}, {self._range_hu[1]:g}] HU"
             if count:
-                self.clipped += clipped
-                self.voxels += stored[k].size
+                self.clipping.add(clipping)
         ds.PixelData = stored.tobytes()
         ds["PixelData"].VR = "OW"
 
@@ -382,11 +420,10 @@ class DerivedSeriesWriter:
         if self._pending:
             source, frames = next(iter(self._pending.values()))
             raise ValueError(f"{len(frames)} of {source.NumberOfFrames} frames of {source.SOPInstanceUID} written")
-        share = self.clipped / self.voxels if self.voxels else 0.0
         log.info(
-            "derived series %s: %d slice(s) in %d file(s), %s (rounding error ≤ slope/2); %d voxel(s) (%.3f%%) "
-            "clipped to that range%s",
-            self.series_uid, self.slices, self.files, self._storage, self.clipped, 100 * share,
+            "derived series %s: %d slice(s) in %d file(s), %s; %s%s",
+            self.series_uid, self.slices, self.files, self._storage,
+            self.clipping.describe(*self._range_hu) if self.files else "nothing written",
             f"; repaired: {'; '.join(self.repairs)}" if self.repairs else "",
         )
 

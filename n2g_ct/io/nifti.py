@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
 from n2g_ct.errors import InputError
 from n2g_ct.io.volume import CTVolume
+
+if TYPE_CHECKING:
+    from n2g_ct.io.dicom_writer import Clipping
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -60,7 +63,7 @@ def read_nifti(path: Path) -> CTVolume:
     )
 
 
-def write_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> int:
+def write_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> Clipping:
     """Write ``hu`` (z, y, x) to ``path`` with the header of the NIfTI file ``template`` was read from.
 
     Everything in the header stays: class (NIfTI-1/2), affine, qform/sform and their codes, units,
@@ -68,12 +71,12 @@ def write_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> int:
     ``round((HU − scl_inter) / scl_slope)`` clipped to the type's range; a float type stores HU.
 
     Returns:
-        The number of voxels clipped to the data type's range.
+        The voxels clipped below and above the data type's range.
 
     Raises:
         InputError: ``template`` was not read from a NIfTI file, or its shape differs from ``hu``'s.
     """
-    from n2g_ct.io.dicom_writer import hu_to_stored
+    from n2g_ct.io.dicom_writer import Clipping, hu_to_stored
 
     if template.nifti_header is None or not template.source_paths:
         raise InputError("a NIfTI output needs a volume read from NIfTI (its header is the template)")
@@ -84,13 +87,13 @@ def write_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> int:
     header = template.nifti_header.copy()
     dtype = header.get_data_dtype()
     data = hu.transpose(2, 1, 0)
-    clipped = 0
+    clipping = Clipping(voxels=data.size)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        data, clipped = hu_to_stored(data, slope, inter, (int(info.min), int(info.max)), dtype)
+        data, clipping = hu_to_stored(data, slope, inter, (int(info.min), int(info.max)), dtype)
     else:
         data = ((data - inter) / slope).astype(dtype)
     image = type(source)(data, None, header)
     image.header.set_slope_inter(slope, inter)  # kept as given: nibabel then writes the values unscaled
     image.to_filename(path)
-    return clipped
+    return clipping
