@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from n2g_ct import __version__
-from n2g_ct.errors import N2GError
+from n2g_ct.errors import ConfigError, N2GError
 
 log = logging.getLogger("n2g_ct")
 
@@ -24,9 +24,17 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from n2g_ct.io.summary import describe_path
+    import json
 
-    print(describe_path(args.path, allow_non_ct=args.allow_non_ct, assume_identity_rescale=args.assume_identity_rescale))
+    from n2g_ct.io.summary import describe_path, describe_records
+
+    if args.json:
+        records = describe_records(args.path, allow_non_ct=args.allow_non_ct,
+                                   assume_identity_rescale=args.assume_identity_rescale)
+        print(json.dumps(records, indent=2))
+    else:
+        print(describe_path(args.path, allow_non_ct=args.allow_non_ct,
+                            assume_identity_rescale=args.assume_identity_rescale))
     return 0
 
 
@@ -38,8 +46,28 @@ def _add_info_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("path", type=Path, help="DICOM file, series folder, folder tree, or NIfTI file")
     parser.add_argument("--allow-non-ct", action="store_true", help="also read series whose modality is not CT")
+    parser.add_argument("--json", action="store_true", help="machine-readable output: one JSON document")
     _add_rescale_option(parser)
     parser.set_defaults(handler=_cmd_info)
+
+
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from n2g_ct.api import NAMED_MODELS
+    from n2g_ct.checkpoint import file_sha256
+
+    for name, (path, description) in NAMED_MODELS.items():
+        print(f"{name}: {description}\n  {path} ({path.stat().st_size / 2**20:.1f} MiB, sha256 {file_sha256(path)[:12]})")
+    return 0
+
+
+def _add_models_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list the named models that ship with n2g-ct (--model NAME)",
+                                   description="Models usable by name wherever a checkpoint is asked for.")
+    parser.set_defaults(handler=_cmd_models)
 
 
 def _add_rescale_option(parser: argparse.ArgumentParser) -> None:
@@ -100,11 +128,19 @@ def _add_manifest_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from n2g_ct.config import load_config
+    from n2g_ct.config import config_template, load_config
     from n2g_ct.train import HarmfulModel, TrainingInterrupted, train
     from n2g_ct.train_config import TrainConfig
 
+    if args.print_config:
+        print(f"# n2g-ct {__version__} training configuration: every setting at its default.\n"
+              "# Fill data.noisy and data.clean (or data.manifest + data.split), then: n2g-ct train THIS.yaml\n"
+              + config_template(TrainConfig))
+        return 0
+    if args.config is None:
+        raise ConfigError("train needs a CONFIG (YAML); n2g-ct train --print-config writes a template")
     overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
+    overrides += [f"run.threads={args.threads}"] if args.threads else []
     config = load_config(TrainConfig, args.config, overrides)
     try:
         checkpoint = train(config, resume=args.resume, progress=not args.no_progress)
@@ -126,10 +162,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train as configured in CONFIG; later KEY=VALUE arguments override it "
         "(dotted keys, e.g. optim.steps=2000 run.out_dir=runs/x). Under torchrun it trains on every process.",
     )
-    parser.add_argument("config", type=Path, help="training configuration (YAML)")
+    parser.add_argument("config", type=Path, nargs="?", help="training configuration (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print a commented template of every setting at its default, and exit")
     parser.add_argument("--resume", action="store_true", help="continue the run in run.out_dir from its last checkpoint")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides run.device)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (overrides run.threads)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(handler=_cmd_train)
 
@@ -141,6 +180,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
         args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
         amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
         include_localizers=args.include_localizers, assume_identity_rescale=args.assume_identity_rescale,
+        output_format=args.format,
     )
     print(summary.render())
     return 0 if summary.ok else 1
@@ -160,8 +200,11 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="series folder, folder tree, DICOM file, NIfTI file, or manifest (.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (outside every input)")
-    parser.add_argument("--model", type=Path, help="checkpoint written by n2g-ct train or export (default: the "
-                        "starter model, trained on simulated quarter-dose chest CT; see the README's model card)")
+    parser.add_argument("--model", help="a named model (n2g-ct models) or a checkpoint written by n2g-ct train or "
+                        "export (default: starter, trained on simulated quarter-dose chest CT; see the README's model card)")
+    parser.add_argument("--format", choices=["dicom", "nifti"], default="dicom",
+                        help="output of DICOM input: derived DICOM series (default) or NIfTI (.nii.gz; needs a "
+                        "regular slice grid); NIfTI input always gives NIfTI")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--split", help="manifest split whose low-dose series are denoised (default: its default)")
@@ -173,6 +216,7 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="write a series even when the model fails the self-check on it (the summary says so)")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_denoise)
 
 
@@ -241,6 +285,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="where denoisers run: auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_evaluate)
 
 
@@ -280,6 +325,7 @@ def _add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, help="slices at once (default: 4 on CPU, 16 on CUDA)")
+    _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_simulate)
 
 
@@ -320,6 +366,7 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--overwrite", action="store_true", help="redo the evaluation if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_run)
 
 
@@ -341,6 +388,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--minutes", type=float, default=3.0, help="Noise2Grad training time (default: 3)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_demo)
 
 
@@ -363,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate_parser(subparsers)
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
+    _add_models_parser(subparsers)
     return parser
 
 
@@ -387,6 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     _configure_logging(args.verbose, args.quiet)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be ≥ 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args))
     except N2GError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -120,19 +121,20 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     return result
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as YAML-safe data: dataclasses as mappings, tuples as lists, paths as strings."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def to_dict(config: Any) -> dict:
     """Plain YAML-safe mapping of a config dataclass (paths as strings, tuples as lists)."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, Path):
-            return str(value)
-        return value
-
-    return plain(config)
+    return _plain(config)
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -195,3 +197,52 @@ def load_yaml(path: Path) -> dict:
 def load_config(cls: type[T], path: Path, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from a YAML file with ``key=value`` overrides; every problem reported at once."""
     return from_dict(cls, apply_overrides(load_yaml(path), overrides), source=str(path))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field descriptions from the ``Attributes:`` section of a dataclass docstring, one line each."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    names: list[str] = []
+    inside = False
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        match = re.match(r"^\s{4,8}([a-z_][a-z0-9_, ]*):\s*(.*)$", line)
+        if match and not line.startswith(" " * 12):
+            names = [n.strip() for n in match.group(1).split(",")]
+            for name in names:
+                docs[name] = match.group(2).strip()
+        elif stripped and names and line.startswith(" " * 12):
+            for name in names:
+                docs[name] += " " + stripped
+        elif not stripped:
+            names = []
+        else:
+            break
+    return docs
+
+
+def config_template(cls: type, indent: str = "") -> str:
+    """A YAML template of dataclass ``cls``: every field at its default, each under its description
+    (from the ``Attributes:`` docstring section), nested sections indented."""
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        section = next((k for k in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(k)), None)
+        doc = docs.get(f.name, "") + (f" (a section of {section.__name__} fields)" if section and default is None else "")
+        lines += [f"{indent}# {line}" for line in textwrap.wrap(doc, 100 - len(indent))]
+        if dataclasses.is_dataclass(default):
+            lines += [f"{indent}{f.name}:", config_template(type(default), indent + "  ")]
+        else:
+            value = yaml.safe_dump(_plain(default), default_flow_style=True).removesuffix("\n...\n").strip()
+            lines.append(f"{indent}{f.name}: {value}")
+    return "\n".join(lines)

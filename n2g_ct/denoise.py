@@ -65,10 +65,10 @@ from n2g_ct.inference import (
 )
 from n2g_ct.io.dicom import DicomSeries, frame_rescale, read_dicom_series, scan_dicom_tree
 from n2g_ct.io.dicom_writer import Clipping, Derivation, DerivedSeriesWriter
-from n2g_ct.io.nifti import is_nifti, read_nifti, write_nifti
+from n2g_ct.io.nifti import is_nifti, read_nifti, write_volume_nifti
 from n2g_ct.io.volume import CTVolume
 from n2g_ct.manifest import load_manifest
-from n2g_ct.models import STARTER_MODEL
+from n2g_ct.api import resolve_model
 from n2g_ct.self_check import SelfCheck, SelfCheckResult
 
 log = logging.getLogger(__name__)
@@ -326,11 +326,14 @@ def _denoise_dicom(job: Job, folder: Path, denoiser: Denoiser, derivation: Deriv
 
 
 def _denoise_nifti(job: Job, path: Path, denoiser: Denoiser, batch_size: int, check: SelfCheck,
-                   on_slices: Callable[[int], None]) -> tuple[int, int]:
-    """Denoise a NIfTI volume (whole) into the file ``path``; returns (slices, clipping)."""
-    volume = read_nifti(job.source)
+                   on_slices: Callable[[int], None]) -> tuple[int, Clipping]:
+    """Denoise a NIfTI volume or a DICOM series (whole) into the NIfTI file ``path``; returns (slices, clipping)."""
+    if job.series is None:
+        volume = read_nifti(job.source)
+    else:
+        volume = read_dicom_series(job.series, assume_identity_rescale=job.identity_rescale)
     hu = _denoise_checked(denoiser, volume, batch_size, check, on_slices)
-    return len(hu), write_nifti(path, hu, volume)
+    return len(hu), write_volume_nifti(path, hu, volume)
 
 
 class SelfCheckRefusal(N2GError):
@@ -338,8 +341,9 @@ class SelfCheckRefusal(N2GError):
 
 
 def _check_complete(job: Job, derivation: Derivation) -> None:
-    """Raise unless the existing output of a DICOM job is this series made with this model/version."""
-    if job.series is None:
+    """Raise unless the existing output of a DICOM job is this series made with this model/version
+    (a NIfTI output carries no provenance to check)."""
+    if job.series is None or is_nifti(job.output):
         return
     expected = derivation.uid("series", job.series.series_uid)
     first = min(job.output.glob("*.dcm"), default=None)
@@ -364,7 +368,7 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
         check = SelfCheck()
         with tqdm(total=job.slices, unit="slice", desc=job.output.name[-24:], leave=False,
                   disable=not progress, dynamic_ncols=True) as bar, staged_output(job.output) as staging:
-            if job.series is not None:
+            if job.series is not None and not is_nifti(job.output):
                 slices, clipping = _denoise_dicom(job, staging, denoiser, derivation, batch_size, check, bar.update)
             else:
                 slices, clipping = _denoise_nifti(job, staging, denoiser, batch_size, check, bar.update)
@@ -412,6 +416,9 @@ def _preflight(jobs: list[Job], derivation: Derivation, outcomes: list[Outcome])
             try:
                 for ds, frame, path in zip(job.series.datasets, job.series.frames, job.series.paths):
                     frame_rescale(ds, frame, path, job.identity_rescale)
+                if is_nifti(job.output) and job.series.grid_problem:
+                    raise InputError(f"a NIfTI file needs a regular slice grid, but the series has "
+                                     f"{job.series.grid_problem}; write DICOM (--format dicom) instead")
                 DerivedSeriesWriter(job.output, derivation, job.series.series_uid).check(
                     job.series.datasets[0], job.series.frames[0])
             except (N2GError, ValueError, AttributeError, TypeError) as exc:
@@ -432,7 +439,7 @@ def _write_summary(path: Path, outcomes: Sequence[Outcome]) -> None:
 def denoise_inputs(
     inputs: Sequence[Path],
     out: Path,
-    model: Path | None,
+    model: str | Path | None,
     *,
     split: str | None = None,
     device: str = "auto",
@@ -443,13 +450,15 @@ def denoise_inputs(
     progress: bool = True,
     include_localizers: bool = False,
     assume_identity_rescale: bool = False,
+    output_format: str = "dicom",
 ) -> DenoiseSummary:
     """Denoise every series / volume found in ``inputs`` into ``out`` (layout: module docstring).
 
     Args:
         inputs: series folders, folder trees, DICOM files, NIfTI files or manifest YAML files.
         out: output folder (created); must not lie inside an input.
-        model: checkpoint written by ``n2g-ct train`` or ``n2g-ct export``; None: :data:`STARTER_MODEL`.
+        model: a named model (:data:`n2g_ct.api.NAMED_MODELS`) or a checkpoint written by
+            ``n2g-ct train`` or ``n2g-ct export``; None: the starter model.
         split: manifest split whose low-dose series are denoised (default: the manifest's default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per forward pass (default: :data:`n2g_ct.inference.DEFAULT_BATCH_SIZE`).
@@ -460,6 +469,8 @@ def denoise_inputs(
         include_localizers: denoise localizers/scouts too (default: skipped, with a note).
         assume_identity_rescale: read CT images without RescaleSlope/Intercept as stored value = HU
             (default: such a series fails, naming the file).
+        output_format: ``dicom`` (derived series) or ``nifti`` (``.nii.gz``) for DICOM input; a
+            series that is not a regular slice grid fails when NIfTI is asked for.
 
     Returns:
         The outcome per job; ``ok`` is False when any failed or was refused. The CSV is written after each job.
@@ -468,14 +479,18 @@ def denoise_inputs(
         InputError / ConfigError: unreadable checkpoint, missing input, unsafe ``out``,
             bad batch size; nothing is written then.
     """
-    if model is None:
-        model = STARTER_MODEL
-        log.warning("no --model given: using the starter model %s (trained on simulated quarter-dose chest CT; "
-                    "train on your own scanner's data for real use)", model.name)
+    if model is None or str(model) == "starter":
+        log.warning("using the starter model (trained on simulated quarter-dose chest CT; "
+                    "train on your own scanner's data for real use)")
+    model = resolve_model(model)
+    if output_format not in ("dicom", "nifti"):
+        raise ConfigError(f"output format must be dicom or nifti, got {output_format!r}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
     jobs, outcomes = plan_jobs(inputs, out, split=split, include_localizers=include_localizers)
-    jobs = [replace(job, identity_rescale=assume_identity_rescale) for job in jobs]
+    jobs = [replace(job, identity_rescale=assume_identity_rescale,
+                    output=job.output.with_name(job.output.name + ".nii.gz")
+                    if output_format == "nifti" and job.series is not None else job.output) for job in jobs]
     out = Path(out).expanduser().resolve()
     for stale in remove_stale(out):
         log.info("removed %s, left by an interrupted run", stale)

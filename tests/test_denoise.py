@@ -23,6 +23,7 @@ from n2g_ct.denoise import SUMMARY_NAME, denoise_inputs
 from n2g_ct.io import read_nifti, read_volume
 from n2g_ct.io.dicom_writer import DerivedSeriesWriter
 from n2g_ct.io.nifti import write_nifti
+from n2g_ct.models import STARTER_MODEL
 
 NIFTI_AFFINE = np.array([[-0.7, 0.05, 0, 30.0], [0, -0.8, 0, 20.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]])
 
@@ -206,8 +207,8 @@ def test_out_inside_an_input_is_refused_before_writing(scans, model, where, caps
 
 
 def test_without_a_model_the_shipped_starter_model_denoises(scans, tmp_path, caplog):
-    assert denoise_module.STARTER_MODEL.is_file()
-    assert denoise_module.STARTER_MODEL.stat().st_size < 8 * 2**20  # small enough to ship
+    assert STARTER_MODEL.is_file()
+    assert STARTER_MODEL.stat().st_size < 8 * 2**20  # small enough to ship
     assert run_cli(scans, "--out", tmp_path / "out") == 0
     assert "using the starter model" in caplog.text
     rows = summary_rows(tmp_path / "out")

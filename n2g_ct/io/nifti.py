@@ -97,3 +97,26 @@ def write_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> Clipping:
     image.header.set_slope_inter(slope, inter)  # kept as given: nibabel then writes the values unscaled
     image.to_filename(path)
     return clipping
+
+
+def write_volume_nifti(path: Path, hu: np.ndarray, template: CTVolume) -> Clipping:
+    """Write ``hu`` (z, y, x), processed from ``template`` (read from any format), as a NIfTI file:
+    the template's own header when it was read from NIfTI, else int16 HU with the template's
+    geometry as a RAS affine (qform and sform, scanner coordinates).
+
+    Raises:
+        InputError: the template's slices are not a regular grid (one affine cannot place them).
+    """
+    if template.nifti_header is not None:
+        return write_nifti(path, hu, template)
+    from n2g_ct.io.dicom_writer import hu_to_stored
+
+    template.require_regular_grid("a NIfTI file")
+    info = np.iinfo(np.int16)
+    data, clipping = hu_to_stored(hu.transpose(2, 1, 0), 1.0, 0.0, (int(info.min), int(info.max)), np.dtype(np.int16))
+    image = nib.Nifti1Image(data, template.affine_ras())
+    image.header.set_xyzt_units("mm")
+    image.set_qform(template.affine_ras(), code=1)
+    image.set_sform(template.affine_ras(), code=1)
+    image.to_filename(path)
+    return clipping
