@@ -1,12 +1,15 @@
 """Convert each CT series once to a memory-mapped HU array, shared safely between processes.
 
-Layout of the cache folder (``$N2G_CT_CACHE``, else ``$XDG_CACHE_HOME/n2g-ct``, else
-``~/.cache/n2g-ct``)::
+A cache holds a copy of the input images (as arrays), so it lives where the user can see it: under
+the run's output folder (``RUN/cache``) unless a location is configured (``data.cache_dir``, or
+``$N2G_CT_CACHE`` for every run). It is announced once with its size, carries a ``CACHEDIR.TAG``
+(backup tools skip it), and ``n2g-ct cache list|clear PATH`` finds and removes caches. Layout::
 
-    v1/entries/<key>/hu.npy        HU (z, y, x): int16 when every value is an integer in range, else float32
-    v1/entries/<key>/padding.npy   bool (z, y, x), True where the scanner stored PixelPaddingValue (if any)
-    v1/entries/<key>/meta.json     geometry, source file list, per-slice tissue fraction
-    v1/index/<fingerprint>.json    {"key": <key>}: a shortcut from the source files' stat to <key>
+    CACHEDIR.TAG                   marks the folder as a cache (https://bford.info/cachedir/)
+    v2/entries/<key>/hu.npy        HU (z, y, x): int16 when every value is an integer in range, else float32
+    v2/entries/<key>/padding.npy   bool (z, y, x), True where the scanner stored PixelPaddingValue (if any)
+    v2/entries/<key>/meta.json     geometry, source file list, per-slice tissue fraction
+    v2/index/<fingerprint>.json    {"key": <key>}: a shortcut from the source files' stat to <key>
 
 Key: SHA-256 over the cache format, the package version, the reader options and, for every file
 below the source (sorted by relative path), its relative path, size and bytes. Identical content
@@ -20,7 +23,7 @@ filesystem with coarse timestamps (FAT, some network mounts): ``VolumeCache(veri
 always hashes the bytes and ignores the index.
 
 Atomicity: an entry is written into a hidden temporary folder next to the entries
-(``v1/entries/.tmp-…``), its files flushed to disk, then the folder is renamed to ``<key>`` in one
+(``v2/entries/.tmp-…``), its files flushed to disk, then the folder is renamed to ``<key>`` in one
 ``os.rename``. Readers only open ``<key>`` folders, so they see a whole entry or none; when two
 writers race, the first rename wins and the other discards its copy. An entry that fails validation
 (unreadable JSON, wrong key or format, array header/size/shape/dtype not as recorded) is moved aside
@@ -57,12 +60,31 @@ _STALE_TEMP_AGE_S = 24 * 3600.0
 _HIDDEN_PREFIX = "."
 
 
-def default_cache_dir() -> Path:
-    """``$N2G_CT_CACHE``, else ``$XDG_CACHE_HOME/n2g-ct``, else ``~/.cache/n2g-ct``."""
-    if os.environ.get("N2G_CT_CACHE"):
-        return Path(os.environ["N2G_CT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "n2g-ct"
+CACHE_TAG = "CACHEDIR.TAG"
+_TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+             "# This folder is an n2g-ct HU cache: copies of CT images as arrays, rebuilt when missing.\n"
+             "# n2g-ct cache clear FOLDER removes it.\n")
+
+
+def cache_location(run_folder: Path) -> Path:
+    """Where a run's cache goes: ``$N2G_CT_CACHE`` when the user set it, else ``run_folder/cache``."""
+    configured = os.environ.get("N2G_CT_CACHE")
+    return Path(configured).expanduser() if configured else Path(run_folder) / "cache"
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files below ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def find_caches(roots: list[Path]) -> list[Path]:
+    """The n2g-ct caches (folders with our ``CACHEDIR.TAG``) at or below each of ``roots``."""
+    found = []
+    for root in roots:
+        for tag in ([root / CACHE_TAG] if (root / CACHE_TAG).is_file() else []) + sorted(Path(root).rglob(f"*/{CACHE_TAG}")):
+            if tag.is_file() and "n2g-ct" in tag.read_text(errors="replace"):
+                found.append(tag.parent)
+    return sorted(set(found))
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,13 +170,14 @@ class VolumeCache:
     """Content-keyed cache of HU volumes (see the module docstring for the design).
 
     Args:
-        root: cache folder; default :func:`default_cache_dir`.
+        root: cache folder (:func:`cache_location` gives a run's).
         verify_content: always hash the source bytes, ignoring the stat index.
     """
 
-    def __init__(self, root: Path | None = None, *, verify_content: bool = False) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+    def __init__(self, root: Path, *, verify_content: bool = False) -> None:
+        self.root = Path(root).expanduser()
         self.verify_content = verify_content
+        self._announced = False
         self._entries = self.root / f"v{CACHE_FORMAT}" / "entries"
         self._index = self.root / f"v{CACHE_FORMAT}" / "index"
 
@@ -182,7 +205,15 @@ class VolumeCache:
                 _remove_dir(volume.entry_dir, self._entries)
                 raise InputError(f"{source}: files changed while they were being cached; try again")
         self._write_index(fingerprint, key)
+        self._announce()
         return volume
+
+    def _announce(self) -> None:
+        """Say once per cache object where the copies of the input images are, and how big they are."""
+        if not self._announced:
+            self._announced = True
+            log.info("HU cache %s: %.1f MB (arrays copied from the input images; n2g-ct cache clear %s removes it)",
+                     self.root, folder_bytes(self.root) / 1e6, self.root)
 
     def _source_files(self, source: Path) -> list[Path]:
         if not source.exists():
@@ -244,6 +275,8 @@ class VolumeCache:
             "series_uid": volume.series_uid,
         }
         self._entries.mkdir(parents=True, exist_ok=True)
+        if not (self.root / CACHE_TAG).is_file():
+            (self.root / CACHE_TAG).write_text(_TAG_TEXT)
         self._remove_stale_temps()
         tmp = self._entries / f"{_HIDDEN_PREFIX}tmp-{key}-{os.getpid()}-{uuid.uuid4().hex}"
         tmp.mkdir()

@@ -64,6 +64,37 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from n2g_ct.cache import find_caches, folder_bytes
+
+    roots = list(args.paths) or [Path.cwd()] + ([Path(os.environ["N2G_CT_CACHE"])] if os.environ.get("N2G_CT_CACHE") else [])
+    caches = find_caches([r for r in roots if r.exists()])
+    if not caches:
+        print(f"no n2g-ct cache in {', '.join(map(str, roots))}")
+        return 0
+    for cache in caches:
+        size = folder_bytes(cache) / 1e6
+        if args.action == "clear":
+            shutil.rmtree(cache)
+            print(f"removed {cache} ({size:.1f} MB)")
+        else:
+            print(f"{cache}: {size:.1f} MB")
+    return 0
+
+
+def _add_cache_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache", help="list or remove the HU caches (copies of input images) below folders",
+        description="Training and pipeline runs cache each series as an HU array under their output folder "
+        "(RUN/cache) or $N2G_CT_CACHE. These are copies of the input images: list them, and clear them when done.")
+    parser.add_argument("action", choices=["list", "clear"])
+    parser.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                        help="folders searched for caches (default: the current folder and $N2G_CT_CACHE)")
+    parser.set_defaults(handler=_cmd_cache)
+
+
 def _add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="list the named models that ship with n2g-ct (--model NAME)",
                                    description="Models usable by name wherever a checkpoint is asked for.")
@@ -412,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
     _add_models_parser(subparsers)
+    _add_cache_parser(subparsers)
     return parser
 
 

@@ -337,7 +337,7 @@ class UnpairedCropStream(_CropStream):
         start: index of the first batch (the number of batches a resumed run already used).
         min_tissue_fraction: skip slices with less than this share of voxels above -500 HU
             (0 keeps every slice, as the paper does).
-        cache: where volumes are cached; default :class:`VolumeCache` ().
+        cache: where volumes are cached.
         noise_bands: radial frequencies (cycles/pixel); when given, each batch ends with two more
             tensors, (B, len(noise_bands)) float32: the noise power of each noisy crop's slice and
             the own noise power of each clean crop's slice at those frequencies, in the network's
@@ -350,11 +350,10 @@ class UnpairedCropStream(_CropStream):
         clean: Iterable[SeriesLike],
         *,
         min_tissue_fraction: float = 0.0,
-        cache: VolumeCache | None = None,
+        cache: VolumeCache,
         noise_bands: np.ndarray | None = None,
         **options: Any,
     ) -> None:
-        cache = cache or VolumeCache()
         draws: list[tuple] = [
             (slice_pool("noisy pool", noisy, cache, min_tissue_fraction=min_tissue_fraction), (Keys.NOISY,)),
             (slice_pool("clean pool", clean, cache, min_tissue_fraction=min_tissue_fraction), (Keys.CLEAN,)),
@@ -383,10 +382,10 @@ class PairedCropStream(_CropStream):
         pairs: Iterable[PairSelection],
         *,
         min_tissue_fraction: float = 0.0,
-        cache: VolumeCache | None = None,
+        cache: VolumeCache,
         **options: Any,
     ) -> None:
-        table = pair_table(pairs, cache or VolumeCache(), min_tissue_fraction=min_tissue_fraction)
+        table = pair_table(pairs, cache, min_tissue_fraction=min_tissue_fraction)
         super().__init__([(table, (Keys.LOW_DOSE, Keys.REFERENCE))], **options)
 
 
@@ -407,9 +406,9 @@ class PairedSliceDataset(Dataset):
         pairs: Iterable[PairSelection],
         *,
         window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
-        cache: VolumeCache | None = None,
+        cache: VolumeCache,
     ) -> None:
-        self.table = pair_table(pairs, cache or VolumeCache())
+        self.table = pair_table(pairs, cache)
         self.window = HUWindowd((Keys.LOW_DOSE, Keys.REFERENCE), window_hu)
 
     @classmethod

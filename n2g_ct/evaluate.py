@@ -25,8 +25,11 @@ removed by the next run).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct import __version__
-from n2g_ct.atomic import check_writable, staged_output
+from n2g_ct.atomic import PARTIAL_MARK, check_writable, staged_output
 from n2g_ct.baselines import (
     bm3d_denoise,
     estimate_noise_psd,
@@ -461,7 +464,7 @@ def evaluate(
         examples: slices shown side by side in the report (evenly spaced over the evaluated ones).
         roi: uniform-ROI settings.
         device: where denoisers run: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        cache: volume cache; default :class:`VolumeCache` ().
+        cache: volume cache; default: a temporary one beside ``out_dir``, removed at the end.
         overwrite: replace a non-empty ``out_dir``.
         progress: progress bar over slices (rate and ETA) on stderr.
 
@@ -485,6 +488,19 @@ def evaluate(
         except N2GError as exc:
             log.warning("BM3D skipped: %s", exc)
             skipped.append(f"BM3D: {exc}")
+    with contextlib.ExitStack() as stack:
+        if cache is None:  # a temporary cache beside the output, removed at the end: no lasting copy of the images
+            check_writable(out_dir.resolve().parent)
+            cache = VolumeCache(Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}.cache-", dir=out_dir.resolve().parent))))
+        return _evaluate(pairs, out_dir, methods, skipped, cache, split=split, max_slices=max_slices,
+                         examples=examples, roi=roi, progress=progress)
+
+
+def _evaluate(pairs: Sequence[PairSelection], out_dir: Path, methods: list[_Method], skipped: list[str],
+              cache: VolumeCache, *, split: str | None, max_slices: int | None, examples: int, roi: RoiSettings,
+              progress: bool) -> EvaluationResult:
+    """Score ``methods`` on the pairs and write the outputs (see :func:`evaluate`)."""
     dataset = PairedSliceDataset(pairs, cache=cache)
     indices = evenly_spaced(len(dataset), max_slices)
     shown = set(indices[evenly_spaced(len(indices), examples)].tolist())

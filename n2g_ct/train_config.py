@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from n2g_ct.cache import cache_location
 from n2g_ct.manifest import PairSelection, SliceSelection
 from n2g_ct.noise2grad import Noise2GradOptions
 from n2g_ct.noise_models import NoiseModel
@@ -69,7 +70,8 @@ class DataConfig:
         window_hu: HU window mapped to [0, 1] for the network.
         crop_size: side of the square training crops, pixels.
         num_workers: DataLoader worker processes (0 = in the training process).
-        cache_dir: HU-array cache folder (default: ``$N2G_CT_CACHE`` or ``~/.cache/n2g-ct``).
+        cache_dir: HU-array cache folder, a copy of the pools' images (default: ``$N2G_CT_CACHE``
+            when set, else ``run.out_dir/cache``; see :mod:`n2g_ct.cache`).
         images: natural images with synthetic noise instead of the CT pools above (the HU window
             does not apply: images are already in [0, 1]).
     """
@@ -240,6 +242,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        if self.data.cache_dir is None:
+            object.__setattr__(self, "data", dataclasses.replace(self.data, cache_dir=cache_location(self.run.out_dir)))
         data, name = self.data, self.method.name
         if self.model.residual is None:
             residual = name == "noise2grad" and self.method.noise2grad.variant in RESIDUAL_VARIANTS

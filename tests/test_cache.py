@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import json
 import multiprocessing
 import os
@@ -14,7 +16,8 @@ import pytest
 
 import n2g_ct.io
 from factories import phantom_hu, write_ct_series
-from n2g_ct.cache import CACHE_FORMAT, VolumeCache, default_cache_dir
+from n2g_ct.cache import CACHE_FORMAT, VolumeCache, cache_location
+from n2g_ct.cli import main
 from n2g_ct.errors import InputError
 
 
@@ -192,12 +195,24 @@ def test_bad_sources_raise_input_error(tmp_path, series):
         VolumeCache(series / "cache").get(series)
 
 
-def test_default_dir_follows_environment(monkeypatch, tmp_path):
+def test_a_runs_cache_lives_under_its_output_unless_the_user_configured_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("N2G_CT_CACHE", raising=False)
+    assert cache_location(tmp_path / "run") == tmp_path / "run" / "cache"
     monkeypatch.setenv("N2G_CT_CACHE", str(tmp_path / "a"))
-    assert default_cache_dir() == tmp_path / "a"
-    monkeypatch.delenv("N2G_CT_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert default_cache_dir() == tmp_path / "x" / "n2g-ct"
+    assert cache_location(tmp_path / "run") == tmp_path / "a"
+
+
+def test_a_cache_is_tagged_announced_with_its_size_listed_and_cleared(series, tmp_path, caplog, capsys):
+    cache = VolumeCache(tmp_path / "run" / "cache")
+    with caplog.at_level(logging.INFO, logger="n2g_ct.cache"):
+        cache.get(series)
+        cache.get(series)
+    assert caplog.text.count("HU cache") == 1 and " MB " in caplog.text and "n2g-ct cache clear" in caplog.text
+    assert (tmp_path / "run" / "cache" / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    assert main(["cache", "list", str(tmp_path)]) == 0
+    assert str(tmp_path / "run" / "cache") in capsys.readouterr().out
+    assert main(["cache", "clear", str(tmp_path)]) == 0
+    assert "removed" in capsys.readouterr().out and not (tmp_path / "run" / "cache").exists() and series.exists()
 
 
 def test_source_changing_during_conversion_is_not_cached(series, cache, monkeypatch):
@@ -212,3 +227,15 @@ def test_source_changing_during_conversion_is_not_cached(series, cache, monkeypa
     with pytest.raises(InputError, match="changed while"):
         cache.get(series)
     assert entries(cache) == []
+
+
+def test_evaluate_leaves_no_copy_of_the_images_behind(series, tmp_path, monkeypatch):
+    from n2g_ct.evaluate import evaluate
+    from n2g_ct.manifest import PairSelection
+
+    monkeypatch.delenv("N2G_CT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    evaluate([PairSelection(series, series)], tmp_path / "out" / "eval", progress=False, examples=1)
+    assert (tmp_path / "out" / "eval" / "summary.json").is_file()
+    assert not [p for p in tmp_path.rglob("*.npy")] and not (tmp_path / "home").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval"]
