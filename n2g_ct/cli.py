@@ -8,6 +8,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from n2g_ct import __version__
 from n2g_ct.errors import ConfigError, N2GError
+from n2g_ct.log_file import command_log
 
 log = logging.getLogger("n2g_ct")
 
@@ -174,7 +176,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides += [f"run.threads={args.threads}"] if args.threads else []
     config = load_config(TrainConfig, args.config, overrides)
     try:
-        checkpoint = train(config, resume=args.resume, progress=not args.no_progress)
+        main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 keeps the log
+        with command_log(config.run.out_dir / "train.log") if main_process else contextlib.nullcontext():
+            checkpoint = train(config, resume=args.resume, progress=not args.no_progress)
     except TrainingInterrupted as exc:
         print(f"n2g-ct train: {exc}; continue with --resume", file=sys.stderr)
         return 128 + exc.signum
@@ -207,12 +211,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_denoise(args: argparse.Namespace) -> int:
     from n2g_ct.denoise import denoise_inputs
 
-    summary = denoise_inputs(
-        args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
-        amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
-        include_localizers=args.include_localizers, assume_identity_rescale=args.assume_identity_rescale,
-        output_format=args.format,
-    )
+    with command_log(args.out / "denoise.log"):
+        summary = denoise_inputs(
+            args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
+            amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
+            include_localizers=args.include_localizers, assume_identity_rescale=args.assume_identity_rescale,
+            output_format=args.format,
+        )
     print(summary.render())
     return 0 if summary.ok else 1
 
@@ -283,10 +288,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "examples": args.examples, "roi": roi, "device": args.device, "overwrite": args.overwrite,
         "progress": not args.no_progress,
     }
-    if args.manifest is not None:
-        result = evaluate_split(args.manifest, args.split, args.out, data_root=args.data_root, **options)
-    else:
-        result = evaluate([PairSelection(Path(low), Path(ref)) for low, ref in args.pair], args.out, **options)
+    with command_log(args.out.parent / f"{args.out.name}.log", output=args.out):
+        if args.manifest is not None:
+            result = evaluate_split(args.manifest, args.split, args.out, data_root=args.data_root, **options)
+        else:
+            result = evaluate([PairSelection(Path(low), Path(ref)) for low, ref in args.pair], args.out, **options)
     print(result.render())
     return 0
 
@@ -324,10 +330,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from n2g_ct.simulate import ScanGeometry, simulate_series
 
     geometry = ScanGeometry(args.geometry, views=args.views, filter=args.filter)
-    result, written = simulate_series(
-        args.input, args.out, args.dose, geometry=geometry, i0=args.i0, electronic_noise=args.electronic_noise,
-        seed=args.seed, device=args.device, batch_size=args.batch_size,
-    )
+    with command_log(args.out.parent / f"{args.out.name}.log", output=args.out):
+        result, written = simulate_series(
+            args.input, args.out, args.dose, geometry=geometry, i0=args.i0, electronic_noise=args.electronic_noise,
+            seed=args.seed, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+        )
     print(f"{written}: {result.describe()}")
     return 0
 
@@ -356,6 +363,7 @@ def _add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, help="slices at once (default: 4 on CPU, 16 on CUDA)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_simulate)
 
@@ -374,8 +382,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / args.recipe.stem
     recipe = load_recipe(args.recipe, data_root=args.data_root, out=out, overrides=tuple(args.overrides))
-    result = run_pipeline(recipe, out, budget=args.budget, device=args.device,
-                          progress=not args.no_progress, overwrite=args.overwrite)
+    with command_log(out / "run.log"):
+        result = run_pipeline(recipe, out, budget=args.budget, device=args.device,
+                              progress=not args.no_progress, overwrite=args.overwrite)
     print(result.render())
     return 0
 
@@ -404,7 +413,10 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from n2g_ct.demo import run_demo
 
-    print(run_demo(args.out, minutes=args.minutes, device=args.device, progress=not args.no_progress).render())
+    with command_log(args.out / "demo.log"):
+        result = run_demo(args.out, minutes=args.minutes, device=args.device, progress=not args.no_progress,
+                          overwrite=args.overwrite)
+    print(result.render())
     return 0
 
 
@@ -417,6 +429,8 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     parser.add_argument("--minutes", type=float, default=3.0, help="Noise2Grad training time (default: 3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train, evaluate and denoise again when OUT already holds a demo")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_threads_option(parser)

@@ -19,6 +19,8 @@ from n2g_ct.pipeline import PipelineResult, load_recipe, run_pipeline
 log = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+TRAINING_RUN = "noise2grad"
+"""The recipe's training run (``out/train/noise2grad``)."""
 PHANTOM_SLICES = 40
 PHANTOM_SIZE = 256
 PHANTOM_NOISE_HU = 28.0
@@ -47,12 +49,37 @@ class DemoResult:
         ])
 
 
-def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, progress: bool = True) -> DemoResult:
-    """Run the demo into ``out`` (see the module docstring); ``minutes`` of Noise2Grad training."""
+def _previous_minutes(out: Path) -> float | None:
+    """The time budget of a demo training run already in ``out``, or None when there is none."""
+    from n2g_ct.checkpoint import load_checkpoint
+    from n2g_ct.train import LAST_CHECKPOINT
+
+    checkpoint = out / "train" / TRAINING_RUN / "checkpoints" / LAST_CHECKPOINT
+    if not checkpoint.exists():
+        return None
+    return load_checkpoint(checkpoint)["config"]["optim"].get("minutes")
+
+
+def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, progress: bool = True,
+             overwrite: bool = False) -> DemoResult:
+    """Run the demo into ``out`` (see the module docstring); ``minutes`` of Noise2Grad training.
+
+    A demo already in ``out`` is reused (a re-run skips what is done); when it was trained for
+    other ``minutes``, that is said, and ``overwrite`` trains, evaluates and denoises again.
+    """
+    import shutil
+
     from n2g_ct.denoise import denoise_inputs
     from n2g_ct.phantom import chest_phantom, write_phantom_series
     from n2g_ct.train_config import Budget
 
+    previous = _previous_minutes(out)
+    if previous is not None and overwrite:
+        log.info("--overwrite: training, evaluating and denoising again (the phantom and its simulation are kept)")
+        shutil.rmtree(out / "train" / TRAINING_RUN)
+    elif previous is not None and previous != minutes:
+        log.warning("%s holds a demo trained for %g minute(s); it is reused and --minutes %g is not applied "
+                    "(--overwrite trains again)", out, previous, minutes)
     phantom = out / "phantom"
     if not phantom.exists():
         log.info("writing the phantom series to %s", phantom)
@@ -64,10 +91,11 @@ def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, prog
     recipe = load_recipe(RECIPE, data_root=out, out=out,
                          overrides=(f"train.0.config.model.init_from={STARTER_MODEL}",
                                     f"evaluate.models=[starter={STARTER_MODEL}, noise2grad]"))
-    result = run_pipeline(recipe, out, budget=Budget(minutes=minutes), device=device, progress=progress)
+    result = run_pipeline(recipe, out, budget=Budget(minutes=minutes), device=device, progress=progress,
+                          overwrite=overwrite)
     denoised = out / "denoised"
-    summary = denoise_inputs([out / "simulated" / "quarter_dose"], denoised, result.checkpoints["noise2grad"],
-                             device=device or "auto", progress=progress)
+    summary = denoise_inputs([out / "simulated" / "quarter_dose"], denoised, result.checkpoints[TRAINING_RUN],
+                             device=device or "auto", progress=progress, overwrite=overwrite)
     if not summary.ok:
         log.warning("denoising reported problems:\n%s", summary.render())
     return DemoResult(result, phantom, denoised)

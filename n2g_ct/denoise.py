@@ -356,7 +356,7 @@ def _check_complete(job: Job, derivation: Derivation) -> None:
 
 
 def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: int, overwrite: bool,
-             progress: bool, force: bool = False) -> Outcome:
+             on_slices: Callable[[int], None], force: bool = False) -> Outcome:
     series_uid = job.series.series_uid if job.series else ""
     outcome = Outcome(job.source, job.output, slices=job.slices, series_uid=series_uid)
     start = time.perf_counter()
@@ -366,12 +366,11 @@ def _run_job(job: Job, denoiser: Denoiser, derivation: Derivation, batch_size: i
             outcome.status, outcome.message = "skipped", "output exists (complete); --overwrite redoes it"
             return outcome
         check = SelfCheck()
-        with tqdm(total=job.slices, unit="slice", desc=job.output.name[-24:], leave=False,
-                  disable=not progress, dynamic_ncols=True) as bar, staged_output(job.output) as staging:
+        with staged_output(job.output) as staging:
             if job.series is not None and not is_nifti(job.output):
-                slices, clipping = _denoise_dicom(job, staging, denoiser, derivation, batch_size, check, bar.update)
+                slices, clipping = _denoise_dicom(job, staging, denoiser, derivation, batch_size, check, on_slices)
             else:
-                slices, clipping = _denoise_nifti(job, staging, denoiser, batch_size, check, bar.update)
+                slices, clipping = _denoise_nifti(job, staging, denoiser, batch_size, check, on_slices)
             outcome.check = check.result()
             _judge(job, outcome.check, force)
         outcome.status, outcome.slices, outcome.clipping = "done", slices, clipping
@@ -465,7 +464,7 @@ def denoise_inputs(
         amp: float16 autocast on CUDA.
         overwrite: redo jobs whose output exists.
         force: write a series even when the model fails the self-check on it (the row says so).
-        progress: progress bars (jobs, and slices of the current job) on stderr.
+        progress: a progress bar over all slices of all jobs, with the current series, on stderr.
         include_localizers: denoise localizers/scouts too (default: skipped, with a note).
         assume_identity_rescale: read CT images without RescaleSlope/Intercept as stored value = HU
             (default: such a series fails, naming the file).
@@ -505,10 +504,12 @@ def denoise_inputs(
     log.info("%d job(s) on %s, batch size %d, %s; model %s (sha256 %s)", len(jobs), denoiser.device, batch_size,
              denoiser.precision, model, derivation.checkpoint_sha256[:12])
     _write_summary(summary.csv_path, summary.outcomes)
-    with logging_redirect_tqdm(), tqdm(total=len(jobs), unit="series", desc="series", disable=not progress,
-                                       dynamic_ncols=True) as bar:
-        for job in jobs:
-            summary.outcomes.append(_run_job(job, denoiser, derivation, batch_size, overwrite, progress, force))
+    with logging_redirect_tqdm(), tqdm(total=sum(job.slices for job in jobs), unit="slice", desc="denoise",
+                                       disable=not progress, dynamic_ncols=True) as bar:
+        for number, job in enumerate(jobs, 1):
+            bar.set_postfix_str(f"series {number}/{len(jobs)}: {job.output.name}")
+            before = bar.n
+            summary.outcomes.append(_run_job(job, denoiser, derivation, batch_size, overwrite, bar.update, force))
             _write_summary(summary.csv_path, summary.outcomes)
-            bar.update()
+            bar.update(before + job.slices - bar.n)  # a skipped or failed series counts as done
     return summary

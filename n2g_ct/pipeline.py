@@ -218,7 +218,7 @@ def _scan(step: ManifestStep, out: Path) -> None:
     log.info("%s", scan_dataset(step.dataset, step.root, target, splits=step.splits).render())
 
 
-def _simulate(step: SimulateStep, out: Path, device: str | None) -> None:
+def _simulate(step: SimulateStep, out: Path, device: str | None, progress: bool) -> None:
     from n2g_ct.simulate import ScanGeometry, simulate_series
 
     target = out / "simulated" / step.name
@@ -226,7 +226,7 @@ def _simulate(step: SimulateStep, out: Path, device: str | None) -> None:
         log.info("simulated series %s exists; skipping", target)
         return
     result, _ = simulate_series(step.input, target, step.dose, geometry=ScanGeometry(kind=step.geometry),
-                                i0=step.i0, seed=step.seed, device=device or "auto")
+                                i0=step.i0, seed=step.seed, device=device or "auto", progress=progress)
     log.info("simulated %s: %s", target, result.describe())
 
 
@@ -259,7 +259,7 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget: Budget | None = None, dev
     if recipe.manifest is not None:
         _scan(recipe.manifest, out)
     for step in recipe.simulate:
-        _simulate(step, out, device)
+        _simulate(step, out, device, progress)
     checkpoints = {name: train_to_completion(config, name, progress) for name, config in configs.items()}
     curves = learning_curves_png({name: config.run.out_dir for name, config in configs.items()})
     if curves is not None:

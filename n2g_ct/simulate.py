@@ -640,6 +640,7 @@ def simulate_low_dose(
     padding_mask: np.ndarray | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 4,
+    on_slices: Callable[[int], None] | None = None,
 ) -> SimulationResult:
     """Simulate ``dose`` × the source's dose from a (z, y, x) HU volume (see the module docstring).
 
@@ -655,6 +656,7 @@ def simulate_low_dose(
         padding_mask: bool (z, y, x), True outside the field of view (treated as air, returned unchanged).
         device: torch device.
         batch_size: slices per batch.
+        on_slices: called with the number of slices after each batch of the final pass (progress).
 
     Raises:
         ConfigError: a parameter is out of range.
@@ -681,6 +683,8 @@ def simulate_low_dose(
                     batch, dose, i0s[start : start + len(chunk)], generators, electronic_noise, gaussian=calibrating
                 )
             out[start : start + len(chunk)] = added.cpu().numpy()
+            if on_slices is not None and not calibrating:
+                on_slices(len(chunk))
         return out
 
     estimate = target = None
@@ -769,6 +773,7 @@ def simulate_series(
     seed: int = 0,
     device: str = "auto",
     batch_size: int | None = None,
+    progress: bool = True,
 ) -> tuple[SimulationResult, Path]:
     """Read a routine-dose series, simulate ``dose``, write it as a derived series (DICOM) or NIfTI file.
 
@@ -783,6 +788,7 @@ def simulate_series(
         dose, geometry, i0, electronic_noise, seed: see :func:`simulate_low_dose`.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch (default 4 on CPU, 16 on CUDA).
+        progress: a progress bar over the slices (after the I0 calibration, which logs each step).
 
     Returns:
         The simulation and the path written (the series folder or the NIfTI file).
@@ -791,6 +797,9 @@ def simulate_series(
         InputError: unreadable source, or ``out`` not usable.
         ConfigError: a parameter is out of range.
     """
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from n2g_ct.atomic import check_writable, staged_output
     from n2g_ct.devices import Processes, select_device
     from n2g_ct.io import read_volume
@@ -808,10 +817,12 @@ def simulate_series(
     batch_size = batch_size or (16 if torch_device.type == "cuda" else 4)
     spacing_yx = (volume.spacing_xyz[1], volume.spacing_xyz[0])
     log.info("simulating dose %g of %s (%d slices, %s) on %s", dose, source, len(volume.hu), geometry.describe(), torch_device)
-    result = simulate_low_dose(
-        volume.hu, spacing_yx, dose, geometry=geometry, i0=i0, electronic_noise=electronic_noise, seed=seed,
-        padding_mask=volume.padding_mask, device=torch_device, batch_size=batch_size,
-    )
+    with logging_redirect_tqdm(), tqdm(total=len(volume.hu), unit="slice", desc=f"simulate dose {dose:g}",
+                                       disable=not progress, dynamic_ncols=True) as bar:
+        result = simulate_low_dose(
+            volume.hu, spacing_yx, dose, geometry=geometry, i0=i0, electronic_noise=electronic_noise, seed=seed,
+            padding_mask=volume.padding_mask, device=torch_device, batch_size=batch_size, on_slices=bar.update,
+        )
     with staged_output(out) as staging:
         if source.is_file() and is_nifti(source):
             staging.mkdir()

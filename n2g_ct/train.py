@@ -192,6 +192,50 @@ WARMUP_STEPS = 10
 CALIBRATION_STEPS = 60
 
 
+class TrainingBar:
+    """The training progress bar, labelled with the run: steps of a step budget, or the minutes of
+    a time budget (time left and the step count beside), so that its total and ETA are right from
+    the first second."""
+
+    def __init__(self, budget: StepBudget, step: int, label: str, show: bool) -> None:
+        self.budget = budget
+        self.by_time = not budget.fixed
+        if self.by_time:
+            total = round(budget.minutes * 60)
+            self.bar = tqdm(total=total, unit="s", desc=label, disable=not show, dynamic_ncols=True,
+                            postfix=f"{tqdm.format_interval(total)} left",
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} of a "
+                            f"{budget.minutes:g}-minute budget" + "{postfix}")
+        else:
+            self.bar = tqdm(total=budget.total, initial=step, unit="step", desc=label, disable=not show,
+                            dynamic_ncols=True)
+        self.notes: dict[str, str] = {}
+
+    def advance(self, step: int, elapsed_s: float) -> None:
+        """After optimiser step ``step``, ``elapsed_s`` seconds of training into the run."""
+        if not self.by_time:
+            self.bar.update(step - self.bar.n)
+            return
+        done = step >= self.budget.total
+        self.bar.n = self.bar.total if done else min(int(elapsed_s), self.bar.total)
+        left = 0.0 if done else max(self.bar.total - elapsed_s, 0.0)
+        steps = f"{step}/{self.budget.total}" if self.budget.fixed else f"{step}"
+        notes = "".join(f", {k}={v}" for k, v in self.notes.items())
+        self.bar.set_postfix_str(f"{tqdm.format_interval(left)} left, step {steps}{notes}")
+
+    def note(self, **values: str) -> None:
+        """Values shown beside the bar (e.g. the loss)."""
+        self.notes.update(values)
+        if not self.by_time:
+            self.bar.set_postfix(**self.notes)
+
+    def __enter__(self) -> TrainingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 @dataclass
 class _Trainer:
     """The mutable state of one run; :func:`train` drives it."""
@@ -397,7 +441,7 @@ def _self_check(trainer: _Trainer, check: Any, run_log: RunLog) -> str | None:
 
 
 def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: Validation | None,
-          self_check: Any, run_log: RunLog, bar: Any, stop: list[int]) -> None:
+          self_check: Any, run_log: RunLog, bar: TrainingBar, stop: list[int]) -> None:
     """Steps until the budget: train, log, validate (keeping the best), self-check, checkpoint, obey signals."""
     run, budget = trainer.config.run, trainer.budget
     trainer.started = time.perf_counter()
@@ -409,13 +453,12 @@ def _loop(trainer: _Trainer, batches: Iterator[dict[str, Tensor]], validation: V
         result = _train_step(trainer, batch)
         if not budget.fixed:
             budget.calibrate(trainer.step, _all_ranks_max(trainer.elapsed_s(), trainer.device, trainer.processes))
-            bar.total = budget.total
-        bar.update(1)
+        bar.advance(trainer.step, trainer.elapsed_s())
         last = budget.total
         if _due(trainer.step, run.log_every, last):
             row = _log_row(trainer, result)
             run_log.train_row(row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            bar.note(loss=f"{row['loss']:.4g}")
         if validation is not None and _due(trainer.step, run.validate_every, last):
             scores = validation.score(trainer.objective.denoiser)
             trainer.objective.train()
@@ -473,8 +516,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             tensorboard=config.run.tensorboard, truncate_after=trainer.step,
         )))
         stack.enter_context(logging_redirect_tqdm())
-        bar = stack.enter_context(tqdm(total=trainer.budget.total, initial=trainer.step, disable=not show,
-                                       unit="step", dynamic_ncols=True))
+        bar = stack.enter_context(TrainingBar(trainer.budget, trainer.step, f"train {trainer.out_dir.name}", show))
         _loop(trainer, batches, validation, self_check, run_log, bar, stop)
     return checkpoint
 

@@ -164,3 +164,58 @@ def test_every_shipped_recipe_and_its_training_runs_validate(recipe_path, tmp_pa
     assert recipe.train
     for step in recipe.train:
         from_dict(TrainConfig, step.config, source=f"{recipe_path.name}: {step.name}")
+
+
+def _fake_demo(tmp_path, monkeypatch, minutes: float):
+    """A demo folder whose training run was made with ``minutes``; the pipeline and denoise stubbed."""
+    import n2g_ct.demo as demo
+    from n2g_ct.checkpoint import save_checkpoint
+
+    out = tmp_path / "demo"
+    save_checkpoint({"step": 1, "config": {"optim": {"minutes": minutes}}},
+                    out / "train" / demo.TRAINING_RUN / "checkpoints" / "last.pt")
+    (out / "phantom").mkdir(parents=True)
+    calls = {}
+
+    class Done:
+        checkpoints = {demo.TRAINING_RUN: out / "model.pt"}
+        ok = True
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            calls[name] = kwargs
+            return Done()
+        return record
+
+    monkeypatch.setattr(demo, "run_pipeline", recorder("pipeline"))
+    monkeypatch.setattr("n2g_ct.denoise.denoise_inputs", recorder("denoise"))
+    monkeypatch.setattr(demo, "load_recipe", lambda *a, **k: None)
+    return demo, out, calls
+
+
+def test_a_demo_rerun_with_other_minutes_says_so_and_overwrite_trains_again(tmp_path, monkeypatch, caplog):
+    demo, out, calls = _fake_demo(tmp_path, monkeypatch, minutes=3.0)
+    demo.run_demo(out, minutes=5.0)
+    assert "trained for 3 minute(s); it is reused and --minutes 5 is not applied (--overwrite" in caplog.text
+    assert not calls["pipeline"]["overwrite"] and (out / "train" / demo.TRAINING_RUN).exists()
+    caplog.clear()
+    demo.run_demo(out, minutes=5.0, overwrite=True)
+    assert "not applied" not in caplog.text and not (out / "train" / demo.TRAINING_RUN).exists()
+    assert calls["pipeline"]["overwrite"] and calls["denoise"]["overwrite"]
+
+
+def test_long_commands_keep_a_timestamped_log_beside_their_outputs_and_nothing_before(tmp_path, caplog):
+    import logging
+
+    from factories import phantom_hu, write_ct_series
+
+    from n2g_ct.cli import main
+
+    caplog.set_level(logging.INFO)  # as the command line sets it
+    write_ct_series(tmp_path / "s", phantom_hu((2, 16, 16)))
+    assert main(["denoise", "--no-progress", str(tmp_path / "s"), "--out", str(tmp_path / "out"), "--force"]) == 0
+    lines = (tmp_path / "out" / "denoise.log").read_text().splitlines()
+    assert lines and all(line[:4].isdigit() and line[10] == " " and line[13] == ":" for line in lines)
+    assert any("self-check" in line for line in lines)
+    assert main(["denoise", str(tmp_path / "missing"), "--out", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2").exists()

@@ -278,6 +278,16 @@ def test_a_time_budget_fixes_the_step_count_after_calibration(synthetic, tmp_pat
     assert state["total_steps"] == pytest.approx(expected, rel=0.05)
 
 
+def test_a_time_budget_is_shown_as_time_from_the_start_and_a_step_budget_as_steps(synthetic, tmp_path, capsys):
+    train(make_config(synthetic, tmp_path / "timed", optim={"steps": 100_000, "minutes": 0.02}), progress=True)
+    err = capsys.readouterr().err
+    assert "train timed:" in err and "of a 0.02-minute budget" in err and "10000" not in err.split("\n")[0]
+    assert "of a 0.02-minute budget, 00:01 left" in err, "the time left is right before the first step"
+    train(make_config(synthetic, tmp_path / "stepped", optim={"steps": 6}), progress=True)
+    err = capsys.readouterr().err
+    assert "train stepped:" in err and "6/6" in err and "step/s" in err
+
+
 def test_tensorboard_events_mirror_the_csv_log(synthetic, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
