@@ -78,6 +78,7 @@ from n2g_ct.manifest import PairSelection, load_split
 from n2g_ct.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, WINDOWS, psnr, ssim
 from n2g_ct.self_check import SelfCheck
 from n2g_ct.reports import (
+    NOISY,
     REFERENCE,
     ExampleSlice,
     render_text,
@@ -89,11 +90,14 @@ from n2g_ct.transforms import Keys
 
 log = logging.getLogger(__name__)
 
-NOISY = "noisy"
 BM3D = "bm3d"
 BM3D_ORACLE = "bm3d-oracle"
 _RESERVED_NAMES = {NOISY, BM3D, BM3D_ORACLE, REFERENCE}
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+NPS_ROI_SIZE_PX = 32
+"""Side of the ROIs the NPS is estimated in (the noise statistics use :data:`DEFAULT_ROI_SIZE_PX`)."""
+PRIMARY_METRIC = "psnr_display"
+"""The score that picks the example slices (median and worst) and leads the report's flags."""
 SLICE_METRICS = (
     *(f"{kind}_{w.name}" for kind in ("psnr", "ssim") for w in WINDOWS),
     "roi_noise_std_hu",
@@ -136,11 +140,14 @@ class RoiSettings:
         size_px: ROI side in pixels (multiple of 4, ≥ 8).
         hu_range: (low, high) HU the ROI mean must lie in.
         keep_fraction: flattest share of the candidate squares kept.
+        nps_size_px: side of the (larger) ROIs the NPS is estimated in (TG-233 asks for large ROIs:
+            fine frequency sampling, less variance); 0: ``size_px``.
     """
 
     size_px: int = DEFAULT_ROI_SIZE_PX
     hu_range: tuple[float, float] = SOFT_TISSUE_HU
     keep_fraction: float = DEFAULT_KEEP_FRACTION
+    nps_size_px: int = NPS_ROI_SIZE_PX
 
     def __post_init__(self) -> None:
         try:
@@ -148,9 +155,9 @@ class RoiSettings:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def find(self, image_hu: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """(n, 2) ROI corners on ``image_hu``."""
-        return find_uniform_rois(image_hu, valid, size_px=self.size_px, hu_range=self.hu_range,
+    def find(self, image_hu: np.ndarray, valid: np.ndarray, size_px: int | None = None) -> np.ndarray:
+        """(n, 2) corners of uniform ROIs of ``size_px`` (default ``size_px``) on ``image_hu``."""
+        return find_uniform_rois(image_hu, valid, size_px=size_px or self.size_px, hu_range=self.hu_range,
                                  keep_fraction=self.keep_fraction)
 
 
@@ -196,22 +203,30 @@ class _NPSPool:
 
     frequency: np.ndarray | None = None
     total: np.ndarray | None = None
+    squares: np.ndarray | None = None
     rois: int = 0
+    slices: int = 0
 
     def add(self, patches: np.ndarray, spacing_mm: tuple[float, float]) -> None:
         if len(patches) == 0:
             return
         frequency, nps = radial_nps(noise_power_spectrum(patches, spacing_mm), spacing_mm)
         if self.frequency is None:
-            self.frequency, self.total = frequency, np.zeros_like(nps)
-        self.total += len(patches) * np.interp(self.frequency, frequency, nps)
+            self.frequency, self.total, self.squares = frequency, np.zeros_like(nps), np.zeros_like(nps)
+        nps = np.interp(self.frequency, frequency, nps)
+        self.total += len(patches) * nps
+        self.squares += len(patches) * nps**2
         self.rois += len(patches)
+        self.slices += 1
 
     def curve(self) -> dict[str, Any] | None:
-        if self.frequency is None or self.total is None:
+        """Mean NPS and its standard error (spread of the per-slice curves, ROI-weighted, / √slices)."""
+        if self.frequency is None or self.total is None or self.squares is None:
             return None
         nps = self.total / self.rois
-        return {"frequency_per_mm": self.frequency.tolist(), "nps_hu2_mm2": nps.tolist(), "rois": self.rois,
+        spread = np.sqrt(np.maximum(self.squares / self.rois - nps**2, 0.0))
+        return {"frequency_per_mm": self.frequency.tolist(), "nps_hu2_mm2": nps.tolist(),
+                "stderr_hu2_mm2": (spread / np.sqrt(self.slices)).tolist(), "rois": self.rois, "slices": self.slices,
                 "mean_frequency_per_mm": nps_mean_frequency(self.frequency, nps)}
 
 
@@ -223,7 +238,6 @@ class _Accumulator:
     reference_noise: list[float] = field(default_factory=list)
     nps: dict[str, _NPSPool] = field(default_factory=dict)
     self_checks: dict[str, SelfCheck] = field(default_factory=dict)
-    examples: list[ExampleSlice] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,12 +310,17 @@ def _image_metrics(output: np.ndarray, reference: torch.Tensor, valid: torch.Ten
 
 
 def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, series: str,
-                    acc: _Accumulator, keep_example: bool) -> None:
+                    acc: _Accumulator) -> dict[str, np.ndarray]:
+    """Score every method on one slice into ``acc``; returns the outputs (method name → HU)."""
     corners = roi.find(s.reference, s.valid)
+    nps_size = roi.nps_size_px or roi.size_px
+    nps_corners = roi.find(s.reference, s.valid, nps_size)
+    if len(nps_corners) == 0:  # small or busy slices: the noise-statistics ROIs rather than none
+        nps_size, nps_corners = roi.size_px, corners
     bone, edges = bone_mask(s.reference, s.valid), edge_mask(s.reference, s.spacing_mm, s.valid)
     reference_noise = roi_noise_std(s.reference, corners, roi.size_px)
     acc.reference_noise.append(reference_noise)
-    acc.nps.setdefault(REFERENCE, _NPSPool()).add(roi_patches(s.reference, corners, roi.size_px), s.spacing_mm)
+    acc.nps.setdefault(REFERENCE, _NPSPool()).add(roi_patches(s.reference, nps_corners, nps_size), s.spacing_mm)
     reference_t = torch.from_numpy(s.reference)[None, None]
     valid_t = torch.from_numpy(s.valid)[None, None]
     outputs = {}
@@ -322,13 +341,36 @@ def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, ser
             row["roi_hu_bias_hu"] = roi_hu_bias(output, s.reference, corners, roi.size_px)
             row["bone_rmse_hu"], row["bone_bias_hu"] = masked_error(output, s.reference, bone)
             row["edge_rmse_hu"], row["edge_bias_hu"] = masked_error(output, s.reference, edges)
-            difference = np.asarray(output, np.float64) - s.reference
-            acc.nps.setdefault(method.name, _NPSPool()).add(roi_patches(difference, corners, roi.size_px), s.spacing_mm)
+            acc.nps.setdefault(method.name, _NPSPool()).add(roi_patches(np.asarray(output, np.float64), nps_corners,
+                                                                        nps_size), s.spacing_mm)
             if method.name != NOISY:
                 acc.self_checks.setdefault(method.name, SelfCheck()).add(s.low_dose, output, s.spacing_mm, s.valid)
         acc.rows.append(row)
-    if keep_example:
-        acc.examples.append(ExampleSlice(f"pair {s.pair}, slice {s.index}", outputs, s.reference, corners, roi.size_px))
+    return outputs
+
+
+def _examples(dataset: PairedSliceDataset, indices: np.ndarray, methods: Sequence[_Method],
+              rows: Sequence[dict[str, Any]], roi: RoiSettings, count: int) -> list[ExampleSlice]:
+    """The report's example slices: median, then worst by the primary metric of the lead method,
+    then evenly spaced; each re-run through the methods (a few slices: cheaper than keeping all)."""
+    if count < 1:
+        return []
+    lead = next((m.name for m in methods if m.name != NOISY), NOISY)
+    scored = sorted((float(r[PRIMARY_METRIC]), i) for i, r in zip(indices, (r for r in rows if r["method"] == lead))
+                    if np.isfinite(float(r[PRIMARY_METRIC])))
+    chosen: dict[int, str] = {}
+    if scored:
+        chosen[int(scored[(len(scored) - 1) // 2][1])] = f"median {PRIMARY_METRIC} of {lead}"
+        chosen.setdefault(int(scored[0][1]), f"worst {PRIMARY_METRIC} of {lead}")
+    for index in indices[evenly_spaced(len(indices), count)]:
+        chosen.setdefault(int(index), "evenly spaced")
+    examples = []
+    for index, why in list(chosen.items())[:count]:
+        s = _load_slice(dataset, index)
+        outputs = {m.name: out for m in methods if (out := m.apply(s)) is not None}
+        examples.append(ExampleSlice(f"pair {s.pair}, slice {s.index} ({why})", outputs, s.reference,
+                                     roi.find(s.reference, s.valid), roi.size_px))
+    return examples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,9 +411,12 @@ def _protocol(roi: RoiSettings, device: str, bm3d: bool) -> dict[str, Any]:
         "edges": f"RMSE and mean of (output − reference) over the voxels where the reference, smoothed by a "
                  f"Gaussian of σ {EDGE_SMOOTHING_MM:g} mm, has a gradient of at least "
                  f"{EDGE_GRADIENT_HU_PER_MM:g} HU/mm, per slice, HU",
-        "nps": "ROIs of (output − reference), each minus its least-squares plane; "
+        "nps": f"of each image itself (every method's output, the reference alike) in uniform ROIs of "
+               f"{roi.nps_size_px or roi.size_px} px found on the reference ({roi.size_px} px on slices without "
+               "any), each minus its least-squares plane; "
                "NPS = Δy·Δx/(Ny·Nx)·⟨|DFT|²⟩ in HU²·mm², radially averaged, frequency in cycles/mm "
-               "from the pixel spacing; pooled over all slices weighted by ROI count",
+               "from the pixel spacing; pooled over all slices weighted by ROI count; error band: the "
+               "standard error of the mean over slices",
         "inference": {"precision": "fp32", "device": device},
         "self_checks": ("reference-free, on the low-dose slices only (n2g_ct.self_check): the HU shift "
                         "mean(output − input) in uniform soft-tissue ROIs found on the output; the largest ratio, "
@@ -461,7 +506,9 @@ def evaluate(
             optional bm3d package is not installed.
         split: name of the manifest split the pairs come from (recorded in the protocol).
         max_slices: evaluate this many slices evenly spaced over all paired slices (quick runs).
-        examples: slices shown side by side in the report (evenly spaced over the evaluated ones).
+        examples: slices shown side by side in the report: the median and the worst slice by
+            :data:`PRIMARY_METRIC` of the first denoiser (the noisy input without one), then
+            evenly spaced others.
         roi: uniform-ROI settings.
         device: where denoisers run: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         cache: volume cache; default: a temporary one beside ``out_dir``, removed at the end.
@@ -503,7 +550,6 @@ def _evaluate(pairs: Sequence[PairSelection], out_dir: Path, methods: list[_Meth
     """Score ``methods`` on the pairs and write the outputs (see :func:`evaluate`)."""
     dataset = PairedSliceDataset(pairs, cache=cache)
     indices = evenly_spaced(len(dataset), max_slices)
-    shown = set(indices[evenly_spaced(len(indices), examples)].tolist())
     acc = _Accumulator()
     start = time.perf_counter()
     log.info("evaluating %d of %d paired slices with %s", len(indices), len(dataset), ", ".join(m.name for m in methods))
@@ -513,7 +559,7 @@ def _evaluate(pairs: Sequence[PairSelection], out_dir: Path, methods: list[_Meth
                                            dynamic_ncols=True) as bar:
             for index in indices:
                 s = _load_slice(dataset, int(index))
-                _evaluate_slice(s, methods, roi, pairs[s.pair].low_dose.name, acc, int(index) in shown)
+                _evaluate_slice(s, methods, roi, pairs[s.pair].low_dose.name, acc)
                 bar.update(1)
         data = {"split": split, "pairs": len(pairs), "slices": len(indices), "slices_available": len(dataset),
                 "slice_selection": "all" if len(indices) == len(dataset)
@@ -523,7 +569,7 @@ def _evaluate(pairs: Sequence[PairSelection], out_dir: Path, methods: list[_Meth
         summary = _summary(methods, acc, data, _protocol(roi, device_name, with_bm3d), skipped,
                            time.perf_counter() - start)
         write_csv(staging / "per_slice.csv", acc.rows, PER_SLICE_FIELDS)
-        write_report(staging, summary, acc.rows, acc.examples)
+        write_report(staging, summary, acc.rows, _examples(dataset, indices, methods, acc.rows, roi, examples))
         write_json(staging / "summary.json", summary)
     log.info("evaluation written to %s", out_dir)
     return EvaluationResult(out_dir, summary)

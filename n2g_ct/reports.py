@@ -30,7 +30,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REFERENCE = "reference"
+NOISY = "noisy"
+"""The noisy input's row: the baseline every denoiser is compared with."""
 DIFFERENCE_RANGE_HU = 100.0
+BONE_WINDOW = Window("bone", -450.0, 1050.0)
+"""The bone window of the example crops (level 300, width 1500 HU)."""
 """Difference maps (output − reference) are shown on [-100, 100] HU."""
 FIGURES_DIR = "figures"
 
@@ -108,10 +112,48 @@ def _method_results(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, 
     return [(m["name"], summary["results"].get(m["name"], {})) for m in summary["methods"]]
 
 
+HU_SHIFT_TOLERANCE_HU = 5.0
+"""A mean soft-tissue HU bias beyond this is flagged (the self-check's limit on the HU shift)."""
+
+
+def findings(summary: Mapping[str, Any]) -> list[str]:
+    """Plain-language flags per denoiser against the noisy input: a PSNR gain bought with lower SSIM
+    (smoothing), a PSNR loss, and a soft-tissue HU bias beyond :data:`HU_SHIFT_TOLERANCE_HU`."""
+    results = dict(_method_results(summary))
+    noisy = results.get(NOISY, {})
+
+    def mean(name: str, key: str) -> float | None:
+        value = (results.get(name) or {}).get(key) or {}
+        return value.get("mean") if isinstance(value, Mapping) else None
+
+    lines = []
+    for name in results:
+        if name == NOISY:
+            continue
+        for window in ("display", "full"):
+            gain, change = mean(name, f"psnr_{window}"), mean(name, f"ssim_{window}")
+            base_psnr, base_ssim = (noisy.get(k, {}).get("mean") for k in (f"psnr_{window}", f"ssim_{window}"))
+            if None in (gain, change, base_psnr, base_ssim):
+                continue
+            if gain - base_psnr > 0 and change - base_ssim < 0:
+                lines.append(f"{name} raises PSNR ({window} window) by {gain - base_psnr:.2f} dB over the noisy input "
+                             f"but lowers SSIM by {base_ssim - change:.4f}: it trades structure for noise removal "
+                             "(smoothing); look at the zoomed crops of the examples.")
+            elif gain - base_psnr < 0:
+                lines.append(f"{name} lowers PSNR ({window} window) by {base_psnr - gain:.2f} dB against the noisy "
+                             "input: on these slices it makes images worse.")
+        bias = mean(name, "roi_hu_bias_hu")
+        if bias is not None and abs(bias) > HU_SHIFT_TOLERANCE_HU:
+            lines.append(f"{name} shifts soft-tissue CT numbers by {bias:+.1f} HU against the reference "
+                         f"(tolerance ±{HU_SHIFT_TOLERANCE_HU:g} HU).")
+    return lines or ["No denoiser trades SSIM for PSNR, lowers PSNR, or shifts soft-tissue HU beyond "
+                     f"±{HU_SHIFT_TOLERANCE_HU:g} HU against the noisy input."]
+
+
 def summary_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the image-quality table: mean ± std per method, and the NPS mean frequency;
-    the reference row holds its own ROI noise and NPS."""
-    header = ["method", *(title for _, title, _ in QUALITY_COLUMNS), "NPS mean freq [1/mm]"]
+    """(header, rows) of the image-quality table: mean ± std per method, and the mean frequency of
+    the NPS of each image (the reference's too) in the uniform ROIs."""
+    header = ["method", *(title for _, title, _ in QUALITY_COLUMNS), "NPS mean freq of the image [1/mm]"]
     rows = []
     for name, results in [*_method_results(summary), (REFERENCE, summary["reference"])]:
         frequency = summary["nps"].get(name, {}).get("mean_frequency_per_mm")
@@ -195,58 +237,62 @@ def _zoom_box(reference: np.ndarray) -> tuple[int, int, int]:
 
 def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
                        difference_range_hu: float = DIFFERENCE_RANGE_HU) -> bytes:
-    """PNG: top row each output and the reference in ``window`` with a zoomed inset; bottom row
-    the difference maps (output − reference) on ±``difference_range_hu`` and the reference's ROIs."""
+    """PNG at full resolution (one image pixel per PNG pixel): per column an output or the reference;
+    rows: the slice in ``window``, a zoomed crop (yellow box) in ``window`` and in the bone window,
+    and the difference map (output − reference) on ±``difference_range_hu`` (the reference's
+    column: its uniform ROIs)."""
     from matplotlib.patches import Rectangle
 
     names = [*example.outputs, REFERENCE]
     images = [*example.outputs.values(), example.reference]
     row, col, side = _zoom_box(example.reference)
-    fig = figure(3.2 * len(names), 6.9)
-    axes = fig.subplots(2, len(names), squeeze=False)
-    display = {"cmap": "gray", "vmin": window.low, "vmax": window.high, "interpolation": "nearest"}
+    rows_px, cols_px = example.reference.shape
+    panel_in = (cols_px / 100.0, rows_px / 100.0)  # 100 dpi: one image pixel per PNG pixel
+    fig = figure(panel_in[0] * len(names), panel_in[1] * 4 + 0.8)
+    axes = fig.subplots(4, len(names), squeeze=False, gridspec_kw={"wspace": 0.02, "hspace": 0.08})
     difference_map = None
     for i, (name, image) in enumerate(zip(names, images)):
-        top, bottom = axes[0, i], axes[1, i]
-        top.imshow(image, **display)
-        top.add_patch(Rectangle((col - 0.5, row - 0.5), side, side, fill=False, edgecolor="yellow", linewidth=1))
-        inset = top.inset_axes((0.6, 0.6, 0.4, 0.4))
-        inset.imshow(image[row : row + side, col : col + side], **display)
-        inset.set_xticks([])
-        inset.set_yticks([])
-        for spine in inset.spines.values():
-            spine.set_edgecolor("yellow")
-        top.set_title(name)
+        crop = image[row : row + side, col : col + side]
+        for ax, picture, shown in ((axes[0, i], image, window), (axes[1, i], crop, window),
+                                   (axes[2, i], crop, BONE_WINDOW)):
+            ax.imshow(picture, cmap="gray", vmin=shown.low, vmax=shown.high, interpolation="nearest")
+        axes[0, i].add_patch(Rectangle((col - 0.5, row - 0.5), side, side, fill=False, edgecolor="yellow", linewidth=1))
+        axes[0, i].set_title(name)
+        bottom = axes[3, i]
         if name == REFERENCE:
-            bottom.imshow(image, **display)
+            bottom.imshow(image, cmap="gray", vmin=window.low, vmax=window.high, interpolation="nearest")
             for r, c in example.roi_corners:
                 bottom.add_patch(Rectangle((c - 0.5, r - 0.5), example.roi_size_px, example.roi_size_px,
                                            fill=False, edgecolor="lime", linewidth=0.8))
-            bottom.set_title(f"uniform ROIs ({len(example.roi_corners)})", fontsize=9)
         else:
-            difference = np.asarray(image, np.float64) - example.reference
-            difference_map = bottom.imshow(difference, cmap="RdBu_r", vmin=-difference_range_hu,
-                                           vmax=difference_range_hu, interpolation="nearest")
-            bottom.set_title(f"{name} − reference", fontsize=9)
-        for ax in (top, bottom):
-            ax.set_xticks([])
-            ax.set_yticks([])
+            difference_map = bottom.imshow(np.asarray(image, np.float64) - example.reference, cmap="RdBu_r",
+                                           vmin=-difference_range_hu, vmax=difference_range_hu, interpolation="nearest")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, label in enumerate((f"{window.name} [{window.low:g}, {window.high:g}] HU", f"zoom, {window.name}",
+                               f"zoom, {BONE_WINDOW.name} [{BONE_WINDOW.low:g}, {BONE_WINDOW.high:g}] HU",
+                               f"− reference, ±{difference_range_hu:g} HU (ref.: uniform ROIs)")):
+        axes[r, 0].set_ylabel(label, fontsize=9)
     if difference_map is not None:
-        fig.colorbar(difference_map, ax=axes.ravel().tolist(), shrink=0.4, label="output − reference [HU]")
-    fig.suptitle(f"{example.label} — images: {window.name} window [{window.low:g}, {window.high:g}] HU; "
-                    f"differences: [{-difference_range_hu:g}, {difference_range_hu:g}] HU; inset: yellow box")
+        fig.colorbar(difference_map, ax=axes[3].tolist(), shrink=0.6, label="output − reference [HU]")
+    fig.suptitle(example.label)
     return png(fig)
 
 
 def psnr_figure_png(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> bytes:
-    """PNG: PSNR per slice (evaluation order) and method, one panel per window of DESIGN §5."""
+    """PNG: PSNR per slice against the slice's index in its low-dose series, a line per method and
+    pair, one panel per window of DESIGN §5."""
     fig = figure(6.0 * len(WINDOWS), 3.6)
     axes = fig.subplots(1, len(WINDOWS), squeeze=False)
+    pairs = sorted({int(r["pair"]) for r in rows})
     for ax, window in zip(axes[0], WINDOWS):
-        for method in methods:
-            values = [float(r[f"psnr_{window.name}"]) for r in rows if r["method"] == method]
-            ax.plot(range(len(values)), values, marker=".", linewidth=1, label=method)
-        ax.set_xlabel("slice (evaluation order)")
+        for colour, method in enumerate(methods):
+            for number, pair in enumerate(pairs):
+                mine = [r for r in rows if r["method"] == method and int(r["pair"]) == pair]
+                ax.plot([int(r["slice"]) for r in mine], [float(r[f"psnr_{window.name}"]) for r in mine],
+                        marker=".", linewidth=1, color=f"C{colour}", label=method if number == 0 else None)
+        ax.set_xlabel("slice index in the low-dose series" + (f" ({len(pairs)} pairs, a line each)" if len(pairs) > 1 else ""))
         ax.set_ylabel("PSNR [dB]")
         ax.set_title(f"{window.name} window [{window.low:g}, {window.high:g}] HU, range {window.data_range:g}")
         ax.grid(alpha=0.3)
@@ -284,17 +330,19 @@ def self_check_figure_png(self_checks: Mapping[str, Mapping[str, Any]]) -> bytes
 
 
 def nps_figure_png(nps: Mapping[str, Mapping[str, Any]]) -> bytes:
-    """PNG: radially averaged NPS of (output − reference) in the uniform ROIs, per method; the
-    reference's own ROI NPS dashed."""
+    """PNG: radially averaged NPS of each image (every output and the reference alike) in the
+    uniform ROIs, with a band of ± 2 standard errors over slices; the ROI and slice counts in the legend."""
     fig = figure(6.4, 4.0)
     ax = fig.subplots()
     for name, curve in nps.items():
-        style = "--" if name == REFERENCE else "-"
-        label = "reference image itself" if name == REFERENCE else f"{name} − reference"
-        ax.plot(curve["frequency_per_mm"], curve["nps_hu2_mm2"], style, marker=".", label=label)
+        frequency, value = np.asarray(curve["frequency_per_mm"]), np.asarray(curve["nps_hu2_mm2"])
+        error = 2 * np.asarray(curve.get("stderr_hu2_mm2", np.zeros_like(value)))
+        line, = ax.plot(frequency, value, "--" if name == REFERENCE else "-", marker=".",
+                        label=f"{name} ({curve.get('rois', '?')} ROIs, {curve.get('slices', '?')} slices)")
+        ax.fill_between(frequency, np.maximum(value - error, 0), value + error, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("spatial frequency [cycles/mm]")
     ax.set_ylabel("NPS [HU²·mm²]")
-    ax.set_title("noise power spectrum in the uniform ROIs (radial average)")
+    ax.set_title("noise power spectrum of each image in the uniform ROIs (± 2 s.e.)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -407,7 +455,8 @@ def html_document(title: str, intro: str, sections: Sequence[Section], figures: 
 
 def _evaluation_sections(summary: Mapping[str, Any]) -> tuple[str, list[Section]]:
     return (f"n2g-ct {summary['n2g_ct_version']}, {summary['created_utc']}.",
-            [Section("Image quality (mean ± std over slices)", *summary_table(summary)),
+            [Section("Findings", lines=findings(summary)),
+             Section("Image quality (mean ± std over slices)", *summary_table(summary)),
              Section("Do no harm: errors in soft tissue, bone and at edges (mean ± std over slices)",
                      *harm_table(summary)),
              *([Section("Reference-free self-checks on the low-dose slices (what n2g-ct denoise checks)",
@@ -465,7 +514,7 @@ def learning_curves_png(runs: Mapping[str, Path], score: str = "psnr_display",
         if not log_path.exists() or not train_log.exists():
             continue
         with open(train_log, newline="") as f:
-            minutes = {int(r["step"]): float(r["time_s"]) / 60 for r in csv.DictReader(f)}
+            minutes = {0: 0.0} | {int(r["step"]): float(r["time_s"]) / 60 for r in csv.DictReader(f)}
         with open(log_path, newline="") as f:
             rows = [(int(r["step"]), float(r[score])) for r in csv.DictReader(f)]
         curves[name] = [(step, minutes.get(step), value) for step, value in rows]

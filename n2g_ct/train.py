@@ -517,6 +517,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         )))
         stack.enter_context(logging_redirect_tqdm())
         bar = stack.enter_context(TrainingBar(trainer.budget, trainer.step, f"train {trainer.out_dir.name}", show))
+        if validation is not None and trainer.step == 0 and config.run.validate_every:
+            run_log.validation_row({"step": 0, **validation.score(trainer.objective.denoiser)})  # curves start at 0
         _loop(trainer, batches, validation, self_check, run_log, bar, stop)
     return checkpoint
 

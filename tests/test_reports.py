@@ -84,7 +84,27 @@ def test_figures_render_as_png():
     example = ExampleSlice("pair 0, slice 5", {"noisy": reference + rng.normal(0, 30, reference.shape),
                                                "n2g": reference + 2.0}, reference, np.array([[8, 8], [24, 8]]), 8)
     assert example_figure_png(example).startswith(PNG)
-    rows = [{"method": m, "psnr_display": 20.0 + i, "psnr_full": 40.0 + i} for i in range(3) for m in ("noisy", "n2g")]
+    rows = [{"method": m, "pair": 0, "slice": 7 + i, "psnr_display": 20.0 + i, "psnr_full": 40.0 + i}
+            for i in range(3) for m in ("noisy", "n2g")]
     assert psnr_figure_png(rows, ["noisy", "n2g"]).startswith(PNG)
     curve = {"frequency_per_mm": [0.1, 0.2], "nps_hu2_mm2": [30.0, 10.0]}
     assert nps_figure_png({"noisy": curve, "reference": curve}).startswith(PNG)
+
+
+def _summary_with(results: dict) -> dict:
+    return {"methods": [{"name": name} for name in results], "results": results}
+
+
+def test_findings_say_when_a_denoiser_trades_ssim_for_psnr_or_shifts_hu():
+    def stats(psnr, ssim, bias=0.0):
+        return {"psnr_display": {"mean": psnr}, "ssim_display": {"mean": ssim}, "roi_hu_bias_hu": {"mean": bias}}
+
+    from n2g_ct.reports import findings
+
+    lines = findings(_summary_with({"noisy": stats(20.0, 0.80), "smooth": stats(23.0, 0.78),
+                                    "shifted": stats(22.0, 0.85, bias=-7.5), "good": stats(24.0, 0.9, bias=1.0)}))
+    text = "\n".join(lines)
+    assert "smooth raises PSNR (display window) by 3.00 dB" in text and "lowers SSIM by 0.0200" in text
+    assert "shifted shifts soft-tissue CT numbers by -7.5 HU" in text
+    assert "good" not in text
+    assert findings(_summary_with({"noisy": stats(20.0, 0.8), "good": stats(24.0, 0.9)}))[0].startswith("No denoiser")
