@@ -312,7 +312,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", help="manifest split (default: the manifest's default or only split)")
     parser.add_argument("--data-root", type=Path, help="folder the manifest's relative paths resolve against")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
-                        help="a denoiser to evaluate under NAME (repeatable)")
+                        help="a denoiser to evaluate under NAME (repeatable); CHECKPOINT may be a named model (n2g-ct models)")
     parser.add_argument("--bm3d", action="store_true",
                         help="add BM3D with an estimated and an oracle noise PSD (needs: pip install 'n2g-ct[bm3d]')")
     parser.add_argument("--max-slices", type=int, help="evaluate this many slices, evenly spaced (quick runs)")

@@ -121,15 +121,18 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``NAME=CHECKPOINT`` (the CLI's ``--model``) → ModelSpec.
+        """``NAME=CHECKPOINT`` (the CLI's ``--model``) → ModelSpec; CHECKPOINT may be a named model
+        (``starter=starter``).
 
         Raises:
             ConfigError: no ``=``, or an empty name or path.
         """
+        from n2g_ct.api import NAMED_MODELS
+
         name, sep, path = text.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--model {text!r}: expected NAME=CHECKPOINT, e.g. n2g=runs/n2g/checkpoint.pt")
-        return cls(name, Path(path))
+        return cls(name, NAMED_MODELS[path][0] if path in NAMED_MODELS else Path(path))
 
 
 @dataclass(frozen=True)
