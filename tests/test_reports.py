@@ -105,6 +105,6 @@ def test_findings_say_when_a_denoiser_trades_ssim_for_psnr_or_shifts_hu():
                                     "shifted": stats(22.0, 0.85, bias=-7.5), "good": stats(24.0, 0.9, bias=1.0)}))
     text = "\n".join(lines)
     assert "smooth raises PSNR (display window) by 3.00 dB" in text and "lowers SSIM by 0.0200" in text
-    assert "shifted shifts soft-tissue CT numbers by -7.5 HU" in text
+    assert "shifted shifts soft-tissue CT numbers by -7.5 HU against its input" in text
     assert "good" not in text
     assert findings(_summary_with({"noisy": stats(20.0, 0.8), "good": stats(24.0, 0.9)}))[0].startswith("No denoiser")

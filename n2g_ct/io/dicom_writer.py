@@ -229,11 +229,14 @@ def _valid_uid(value: object) -> bool:
 
 
 def _rebuilt(source: Dataset) -> Dataset:
-    """A copy of ``source`` made of decoded elements, free of the source's encoding: big endian,
-    implicit VR and VR ``UN`` (resolved from the dictionary) all write back as explicit little endian."""
+    """A copy of ``source`` without its private elements, made of decoded elements, free of the
+    source's encoding: big endian, implicit VR and VR ``UN`` (resolved from the dictionary) all
+    write back as explicit little endian."""
     copy_ = Dataset()
-    for element in source:  # iterating decodes raw elements (UN → dictionary VR)
-        element = copy.deepcopy(element)
+    for tag in list(source.keys()):
+        if tag.is_private:  # vendor data about the source pixels: dropped, and never decoded
+            continue
+        element = copy.deepcopy(source[tag])  # indexing decodes a raw element (UN → dictionary VR)
         if element.VR == "SQ":
             element.value = [_rebuilt(item) for item in element.value]
         copy_.add(element)
