@@ -73,8 +73,14 @@ def cache_location(run_folder: Path) -> Path:
 
 
 def folder_bytes(folder: Path) -> int:
-    """Total size of the files below ``folder``."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    """Total size of the files below ``folder`` (files removed meanwhile, by another process, count 0)."""
+    total = 0
+    for path in Path(folder).rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            continue
+    return total
 
 
 def find_caches(roots: list[Path]) -> list[Path]:

@@ -33,7 +33,8 @@ reported and the others go on. Partial outputs of dead runs below OUT are remove
 One run per OUT at a time.
 
 DICOM series stream through memory ``max(batch_size, 32)`` slices at a time, so host memory does
-not grow with the series length; NIfTI volumes are read whole.
+not grow with the series length; NIfTI volumes, DICOM series written as NIfTI and Enhanced CT
+(multi-frame) series are read whole.
 """
 
 from __future__ import annotations
@@ -241,8 +242,8 @@ def _is_inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None,
-              include_localizers: bool = False) -> tuple[list[Job], list[Outcome]]:
+def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None, include_localizers: bool = False,
+              output_format: str = "dicom") -> tuple[list[Job], list[Outcome]]:
     """The jobs for ``inputs`` with their outputs below ``out``, and the outcomes of what cannot be a
     job (skipped: not CT image slices; failed: damaged or unscannable), each naming the file.
 
@@ -275,6 +276,8 @@ def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None,
             found = _discover(path, out / _output_name(path), include_localizers)
             jobs += found[0]
             failures += found[1]
+    if output_format == "nifti":
+        jobs = [replace(j, output=j.output.with_name(j.output.name + ".nii.gz")) if j.series else j for j in jobs]
     for root in roots:
         if _is_inside(out, root):
             raise InputError(f"--out {out} is inside the input {root}; inputs are never written to, choose another folder")
@@ -294,7 +297,10 @@ def plan_jobs(inputs: Sequence[Path], out: Path, *, split: str | None = None,
 
 
 def _read_chunks(series: DicomSeries, size: int, assume_identity_rescale: bool) -> Iterator[CTVolume]:
-    """Decode ``series`` ``size`` slices at a time with the series reader, in slice order."""
+    """Decode ``series`` ``size`` slices at a time with the series reader, in slice order; a series
+    of multi-frame files in one piece (each file is decoded whole anyway)."""
+    if any(frame is not None for frame in series.frames):
+        size = len(series)
     for start in range(0, len(series), size):
         part = slice(start, start + size)
         yield read_dicom_series(replace(series, paths=series.paths[part], positions_mm=series.positions_mm[part],
@@ -315,7 +321,7 @@ def _denoise_checked(denoiser: Denoiser, volume: CTVolume, batch_size: int, chec
 
 
 def _denoise_dicom(job: Job, folder: Path, denoiser: Denoiser, derivation: Derivation, batch_size: int,
-                   check: SelfCheck, on_slices: Callable[[int], None]) -> tuple[int, int]:
+                   check: SelfCheck, on_slices: Callable[[int], None]) -> tuple[int, Clipping]:
     """Denoise a series into ``folder``; returns (slices written, clipping)."""
     assert job.series is not None
     writer = DerivedSeriesWriter(folder, derivation, job.series.series_uid)
@@ -418,11 +424,13 @@ def _preflight(jobs: list[Job], derivation: Derivation, outcomes: list[Outcome])
                 if is_nifti(job.output) and job.series.grid_problem:
                     raise InputError(f"a NIfTI file needs a regular slice grid, but the series has "
                                      f"{job.series.grid_problem}; write DICOM (--format dicom) instead")
-                DerivedSeriesWriter(job.output, derivation, job.series.series_uid).check(
-                    job.series.datasets[0], job.series.frames[0])
+                if not is_nifti(job.output):
+                    DerivedSeriesWriter(job.output, derivation, job.series.series_uid).check(
+                        job.series.datasets[0], job.series.frames[0])
             except (N2GError, ValueError, AttributeError, TypeError) as exc:
                 outcomes.append(Outcome(job.source, job.output, series_uid=job.series.series_uid, message=str(exc)))
                 continue
+            job = replace(job, series=replace(job.series, datasets=None))  # the headers are read again per chunk
         ready.append(job)
     return ready
 
@@ -486,10 +494,9 @@ def denoise_inputs(
         raise ConfigError(f"output format must be dicom or nifti, got {output_format!r}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
-    jobs, outcomes = plan_jobs(inputs, out, split=split, include_localizers=include_localizers)
-    jobs = [replace(job, identity_rescale=assume_identity_rescale,
-                    output=job.output.with_name(job.output.name + ".nii.gz")
-                    if output_format == "nifti" and job.series is not None else job.output) for job in jobs]
+    jobs, outcomes = plan_jobs(inputs, out, split=split, include_localizers=include_localizers,
+                               output_format=output_format)
+    jobs = [replace(job, identity_rescale=assume_identity_rescale) for job in jobs]
     out = Path(out).expanduser().resolve()
     for stale in remove_stale(out):
         log.info("removed %s, left by an interrupted run", stale)

@@ -540,7 +540,6 @@ def evaluate(
             skipped.append(f"BM3D: {exc}")
     with contextlib.ExitStack() as stack:
         if cache is None:  # a temporary cache beside the output, removed at the end: no lasting copy of the images
-            check_writable(out_dir.resolve().parent)
             cache = VolumeCache(Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix=f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}.cache-", dir=out_dir.resolve().parent))))
         return _evaluate(pairs, out_dir, methods, skipped, cache, split=split, max_slices=max_slices,

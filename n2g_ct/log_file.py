@@ -26,14 +26,18 @@ class _FolderLog(logging.Handler):
         self.output = output
         self.pending: list[str] = []
         self.stream = None
+        self.failed = False
         self.setFormatter(logging.Formatter(FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
         try:
             self.pending.append(self.format(record))
             self._flush_pending()
-        except Exception:  # a log file must never break the command
-            self.handleError(record)
+        except OSError as exc:  # a log file must never break the command: say so once, then stop
+            self.failed = True
+            logging.getLogger(__name__).warning("log file %s not written (%s)", self.path, exc)
 
     def _flush_pending(self) -> None:
         if self.stream is None:
@@ -46,7 +50,10 @@ class _FolderLog(logging.Handler):
 
     def close(self) -> None:
         try:
-            self._flush_pending()
+            if not self.failed:
+                self._flush_pending()
+        except OSError:
+            pass  # the command's own outcome matters more than its log file
         finally:
             if self.stream is not None:
                 self.stream.close()

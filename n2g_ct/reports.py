@@ -33,9 +33,9 @@ REFERENCE = "reference"
 NOISY = "noisy"
 """The noisy input's row: the baseline every denoiser is compared with."""
 DIFFERENCE_RANGE_HU = 100.0
+"""Difference maps (output − reference) are shown on [-100, 100] HU."""
 BONE_WINDOW = Window("bone", -450.0, 1050.0)
 """The bone window of the example crops (level 300, width 1500 HU)."""
-"""Difference maps (output − reference) are shown on [-100, 100] HU."""
 FIGURES_DIR = "figures"
 
 QUALITY_COLUMNS: tuple[tuple[str, str, int], ...] = (
@@ -254,9 +254,13 @@ def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
     images = [*example.outputs.values(), example.reference]
     row, col, side = _zoom_box(example.reference)
     rows_px, cols_px = example.reference.shape
-    panel_in = (cols_px / 100.0, rows_px / 100.0)  # 100 dpi: one image pixel per PNG pixel
-    fig = figure(panel_in[0] * len(names), panel_in[1] * 4 + 0.8)
-    axes = fig.subplots(4, len(names), squeeze=False, gridspec_kw={"wspace": 0.02, "hspace": 0.08})
+    width_in, height_in = cols_px / 100.0, rows_px / 100.0  # 100 dpi: one image pixel per PNG pixel
+    left_in, top_in, gap_in = 0.3, 0.6, 0.05  # room for row labels, titles, and between rows
+    fig_w, fig_h = left_in + width_in * len(names), top_in + 4 * height_in + 3 * gap_in
+    fig = figure(fig_w, fig_h)
+    axes = fig.subplots(4, len(names), squeeze=False)
+    fig.subplots_adjust(left=left_in / fig_w, right=1.0, bottom=0.0, top=1.0 - top_in / fig_h, wspace=0.0,
+                        hspace=gap_in / height_in)  # panels exactly the image's size
     for i, (name, image) in enumerate(zip(names, images)):
         crop = image[row : row + side, col : col + side]
         for ax, picture, shown in ((axes[0, i], image, window), (axes[1, i], crop, window),
@@ -280,7 +284,7 @@ def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
                                f"zoom, {BONE_WINDOW.name} [{BONE_WINDOW.low:g}, {BONE_WINDOW.high:g}]",
                                f"− reference: blue −{difference_range_hu:g}, red +{difference_range_hu:g}")):
         axes[r, 0].set_ylabel(f"{label} HU", fontsize=8)
-    fig.suptitle(f"{example.label}; reference column, bottom: its uniform ROIs", y=1.0)
+    fig.suptitle(f"{example.label}; reference column, bottom: its uniform ROIs", y=1.0 - 0.1 / fig_h, va="top")
     return png(fig)
 
 

@@ -317,3 +317,30 @@ def test_outputs_are_fsynced_before_they_are_renamed_into_place(tmp_path, model,
     assert denoise(tmp_path / "s", "--out", tmp_path / "out", "--model", model) == 0
     staged = {p.name for p in synced if atomic.PARTIAL_MARK in p.parent.name}
     assert {p.name for p in derived(tmp_path / "out")} == staged == {"IM00000.dcm", "IM00001.dcm"}
+
+
+def test_a_readme_beside_a_series_is_not_a_damaged_slice(tmp_path, model):
+    write_ct_series(tmp_path / "s", phantom_hu((2, 16, 16)))
+    (tmp_path / "s" / "README").write_text("exported by PACS")
+    (tmp_path / "s" / "DONE").write_bytes(b"")
+    assert denoise(tmp_path / "s", "--out", tmp_path / "out", "--model", model) == 0
+    assert len(derived(tmp_path / "out")) == 2
+
+
+def test_a_signed_padding_range_written_unsigned_is_written_back_signed(tmp_path, model):
+    (path,) = write_ct_series(tmp_path / "s", phantom_hu((1, 16, 16)))
+
+    def signed_padding_range(ds):
+        stored = ds.pixel_array.astype(np.int16) - 1024
+        stored[0, :4] = -2000
+        ds.PixelData, ds.PixelRepresentation, ds.RescaleIntercept = stored.tobytes(), 1, 0
+        ds.add_new("PixelPaddingValue", "US", 63536)  # -2000
+        ds.add_new("PixelPaddingRangeLimit", "US", 63546)  # -1990
+
+    rewrite(path, signed_padding_range)
+    assert denoise(tmp_path / "s", "--out", tmp_path / "out", "--model", model) == 0
+    (out,) = derived(tmp_path / "out")
+    ds = pydicom.dcmread(out)
+    assert (ds.PixelPaddingValue, ds.PixelPaddingRangeLimit) == (-2000, -1990)
+    assert ds["PixelPaddingValue"].VR == ds["PixelPaddingRangeLimit"].VR == "SS"
+    assert "PixelPaddingValue written as signed" in ds.DerivationDescription

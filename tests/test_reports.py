@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -108,3 +109,13 @@ def test_findings_say_when_a_denoiser_trades_ssim_for_psnr_or_shifts_hu():
     assert "shifted shifts soft-tissue CT numbers by -7.5 HU against its input" in text
     assert "good" not in text
     assert findings(_summary_with({"noisy": stats(20.0, 0.8), "good": stats(24.0, 0.9)}))[0].startswith("No denoiser")
+
+
+def test_example_slices_are_drawn_at_full_resolution():
+    from matplotlib.image import imread
+
+    reference = np.full((200, 160), 40.0)
+    example = ExampleSlice("pair 0, slice 5", {"noisy": reference + 30.0, "n2g": reference}, reference,
+                           np.array([[8, 8]]), 16)
+    image = imread(io.BytesIO(example_figure_png(example)))
+    assert image.shape[1] >= 3 * 160 and image.shape[0] >= 4 * 200, "one image pixel per PNG pixel, 4 rows"

@@ -53,8 +53,9 @@ _ORIENTATION_TOLERANCE = 1e-4
 _TILT_TOLERANCE_DEG = 0.5
 # Values larger than this many bytes stay on disk during the header scan (pixel data, big blobs).
 _DEFER_BYTES = 4096
-# Suffixes under which an empty or unparsable file is taken for a damaged DICOM file.
-_DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".dic", ".ima", ".ct"}
+# Suffixes under which an empty or unparsable file is taken for a damaged DICOM file (as are
+# numbered names without a suffix, e.g. 6154 or IM0001; README or DONE are not).
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima", ".ct"}
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
@@ -150,7 +151,15 @@ def _list_files(root: Path) -> list[Path]:
 
 
 def _looks_like_dicom_name(path: Path) -> bool:
-    return path.suffix.lower() in _DICOM_SUFFIXES or path.suffix[1:].isdigit()
+    suffix = path.suffix.lower()
+    return suffix in _DICOM_SUFFIXES or suffix[1:].isdigit() or (not suffix and any(c.isdigit() for c in path.name))
+
+
+def image_type(ds: Dataset, keyword: str = "ImageType") -> list[str]:
+    """The values of a multi-valued CS element (ImageType, FrameType) as upper-case strings; a
+    single value written as a plain string is one value, not its characters."""
+    values = ds.get(keyword) or []
+    return [str(v).upper() for v in ([values] if isinstance(values, str) else values)]
 
 
 def _set_transfer_syntax(ds: Dataset) -> None:
@@ -274,9 +283,10 @@ def frame_rescale(ds: Dataset, frame: int | None, path: Path | None = None,
 
 
 def _is_localizer(ds: Dataset) -> bool:
-    kinds = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    frame_type = frame_value(ds, 0, "CTImageFrameTypeSequence", "FrameType") if is_multiframe(ds) else None
-    kinds += [str(v).upper() for v in (frame_type or [])]
+    kinds = image_type(ds)
+    if is_multiframe(ds):
+        item = _frame_item(ds, 0, "CTImageFrameTypeSequence")
+        kinds += image_type(item, "FrameType") if item is not None else []
     return "LOCALIZER" in kinds
 
 
@@ -499,18 +509,20 @@ def _decode_file(path: Path, ds: Dataset | None) -> tuple[Dataset, np.ndarray]:
     return ds, pixels
 
 
+def signed_value(ds: Dataset, keyword: str) -> int:
+    """A pixel-valued element (PixelPaddingValue, ...) in the pixels' signedness: written as US
+    although the pixels are signed, 63536 is −2000."""
+    value, bits = int(ds[keyword].value), int(ds.get("BitsAllocated", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    return value - (1 << bits) if signed and value >= 1 << (bits - 1) else value
+
+
 def padding_value(ds: Dataset) -> tuple[int, int] | None:
-    """(low, high) stored padding values, or None. A PixelPaddingValue written as US although the
-    pixels are signed (63536 for −2000) is read in the pixels' signedness."""
+    """(low, high) stored padding values (PixelPaddingValue to PixelPaddingRangeLimit), or None."""
     if "PixelPaddingValue" not in ds:
         return None
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-
-    def signed(v: int) -> int:
-        return v - (1 << bits) if int(ds.get("PixelRepresentation", 0) or 0) == 1 and v >= 1 << (bits - 1) else v
-
-    value = signed(int(ds.PixelPaddingValue))
-    limit = signed(int(ds.PixelPaddingRangeLimit)) if "PixelPaddingRangeLimit" in ds else value
+    value = signed_value(ds, "PixelPaddingValue")
+    limit = signed_value(ds, "PixelPaddingRangeLimit") if "PixelPaddingRangeLimit" in ds else value
     return min(value, limit), max(value, limit)
 
 

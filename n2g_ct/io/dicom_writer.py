@@ -48,7 +48,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, UID, CTImageStorage, ExplicitVRLittleE
 
 from n2g_ct import __version__
 from n2g_ct.errors import InputError
-from n2g_ct.io.dicom import frame_rescale, is_multiframe, padding_value, sop_class
+from n2g_ct.io.dicom import frame_rescale, image_type, is_multiframe, padding_value, signed_value, sop_class
 from n2g_ct.io.volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -292,10 +292,10 @@ class DerivedSeriesWriter:
             if frame is None:
                 paths.append(self._save(self._derive(source, slice_hu[None], [None])))
                 continue
-            key = str(source.get("SOPInstanceUID", ""))  # the frames of one file may come in several reads
-            _, pending = self._pending.setdefault(key, (source, {}))
+            key = str(source.get("SOPInstanceUID") or getattr(source, "filename", "") or id(source))
+            _, pending = self._pending.setdefault(key, (source, {}))  # frames of one file may come in several reads
             pending[frame] = slice_hu
-            if len(pending) == int(source.NumberOfFrames):
+            if len(pending) == int(source.get("NumberOfFrames", 1) or 1):
                 del self._pending[key]
                 order = sorted(pending)
                 paths.append(self._save(self._derive(source, np.stack([pending[f] for f in order]), order)))
@@ -321,12 +321,12 @@ class DerivedSeriesWriter:
         if hu.shape[1:] != (source.Rows, source.Columns):
             raise ValueError(f"slices of shape {hu.shape[1:]} for a source of {source.Rows}x{source.Columns}")
         ds = _rebuilt(source)
-        ds.remove_private_tags()
         for keyword in _DROPPED:
             if keyword in ds:
                 delattr(ds, keyword)
         repairs = self._repair(ds, source)
         self._set_identity(ds, source, repairs)
+        self.repairs = sorted(set(self.repairs) | set(repairs))
         self._set_pixels(ds, hu, frames, count)
         correct_ambiguous_vr(ds, is_little_endian=True)  # "US or SS" elements of implicit-VR sources
         if count:
@@ -354,15 +354,13 @@ class DerivedSeriesWriter:
             repairs.append("FrameOfReferenceUID added")
         if not str(source.get("SeriesNumber", "") or "").strip():
             repairs.append("SeriesNumber added")
-        padding = padding_value(source)
-        if padding is not None and int(source.get("PixelRepresentation", 0) or 0) == 1:
-            if int(source.PixelPaddingValue) != padding[0] or source["PixelPaddingValue"].VR != "SS":
-                ds.PixelPaddingValue = padding[0] if "PixelPaddingRangeLimit" not in source else int(source.PixelPaddingValue)
-                ds["PixelPaddingValue"].VR = "SS"
-                if "PixelPaddingRangeLimit" in ds:
-                    ds["PixelPaddingRangeLimit"].VR = "SS"
+        if padding_value(source) is not None and int(source.get("PixelRepresentation", 0) or 0) == 1:
+            signed = {k: signed_value(source, k) for k in ("PixelPaddingValue", "PixelPaddingRangeLimit") if k in source}
+            if any(source[k].VR != "SS" or int(source[k].value) != v for k, v in signed.items()):
+                for keyword, value in signed.items():
+                    del ds[keyword]
+                    ds.add_new(keyword, "SS", value)
                 repairs.append("PixelPaddingValue written as signed")
-        self.repairs = sorted(set(self.repairs) | set(repairs))
         return repairs
 
     def _set_identity(self, ds: Dataset, source: Dataset, repairs: list[str]) -> None:
@@ -434,7 +432,7 @@ class DerivedSeriesWriter:
 def _derived_image_type(source: Dataset) -> list[str]:
     """DERIVED\\SECONDARY + the source's further values (AXIAL for a classic image without them);
     DERIVED\\PRIMARY for Enhanced CT, whose value 2 is always PRIMARY."""
-    values = [str(v) for v in (source.get("ImageType") or [])]
+    values = image_type(source)
     if is_multiframe(source):
         return ["DERIVED", "PRIMARY", *(values[2:] or ["AXIAL", "NONE"])]
     return DERIVED_IMAGE_TYPE[:2] + (values[2:] or DERIVED_IMAGE_TYPE[2:])
@@ -445,7 +443,7 @@ def _derive_frame_types(ds: Dataset) -> None:
     groups = list(ds.get("SharedFunctionalGroupsSequence") or []) + list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     for group in groups:
         for item in group.get("CTImageFrameTypeSequence") or []:
-            values = [str(v) for v in (item.get("FrameType") or [])]
+            values = image_type(item, "FrameType")
             item.FrameType = ["DERIVED", "PRIMARY", *values[2:]]
 
 
@@ -453,7 +451,7 @@ def write_derived_series(volume: CTVolume, hu: np.ndarray, folder: Path, derivat
     """Write ``hu`` (z, y, x), processed from the DICOM ``volume``, as a derived series into ``folder``.
 
     Padding voxels of ``volume`` are written with their source values. Returns the writer (its
-    ``series_uid``, ``slices``, ``clipped`` and ``voxels``).
+    ``series_uid``, ``slices``, ``files`` and ``clipping``).
 
     Raises:
         InputError: ``volume`` was not read from DICOM.
