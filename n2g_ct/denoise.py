@@ -64,7 +64,7 @@ from n2g_ct.inference import (
     denoise_volume,
     denoiser_from_checkpoint,
 )
-from n2g_ct.io.dicom import DicomSeries, frame_rescale, read_dicom_series, scan_dicom_tree
+from n2g_ct.io.dicom import DicomSeries, frame_rescale, read_dicom_series, scan_dicom_tree, visible_files
 from n2g_ct.io.dicom_writer import Clipping, Derivation, DerivedSeriesWriter
 from n2g_ct.io.nifti import is_nifti, read_nifti, write_volume_nifti
 from n2g_ct.io.volume import CTVolume
@@ -211,7 +211,7 @@ def _discover(path: Path, target: Path, include_localizers: bool) -> tuple[list[
         return [_nifti_job(path, target)], []
     jobs = []
     if path.is_dir():
-        niftis = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti(p))
+        niftis = [p for p in visible_files(path) if is_nifti(p)]
         jobs += [_nifti_job(p, target / p.relative_to(path)) for p in niftis]
     series, failures = _scan_series(path, include_localizers)
     per_folder = Counter(s.folder for s in series)

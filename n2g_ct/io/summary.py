@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from n2g_ct.errors import InputError
-from n2g_ct.io.dicom import DicomSeries, read_dicom_series, scan_dicom_tree
+from n2g_ct.io.dicom import DicomSeries, read_dicom_series, scan_dicom_tree, visible_files
 from n2g_ct.io.nifti import is_nifti, read_nifti
 from n2g_ct.io.volume import CTVolume
 
@@ -58,9 +58,9 @@ def describe_records(path: Path, *, allow_non_ct: bool = False, assume_identity_
     if path.is_file() and is_nifti(path):
         return {"volumes": [{"kind": "nifti", "path": str(path)} | _volume_record(read_nifti(path))],
                 "set_aside": [], "damaged": []}
-    nifti_files = sorted(p for p in path.rglob("*") if is_nifti(p)) if path.is_dir() else []
+    nifti_files = [p for p in visible_files(path) if is_nifti(p)] if path.is_dir() else []
     volumes = [{"kind": "nifti", "path": str(p)} | _volume_record(read_nifti(p)) for p in nifti_files]
-    scan = scan_dicom_tree(path, keep_datasets=True, read_pixels=True)
+    scan = scan_dicom_tree(path, keep_datasets=True)  # pixels stay on disk until their series is decoded
     volumes += [_series_record(s, allow_non_ct, assume_identity_rescale) for s in scan.series]
     if not (volumes or scan.set_aside or scan.damaged):
         raise InputError(f"{path}: no DICOM file or NIfTI volume found")
