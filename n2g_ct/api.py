@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from n2g_ct.errors import InputError
 from n2g_ct.models import STARTER_MODEL
+
+if TYPE_CHECKING:
+    from n2g_ct.io.dicom_writer import Derivation
+    from n2g_ct.io.volume import CTVolume
 
 NAMED_MODELS: dict[str, tuple[Path, str]] = {
     "starter": (STARTER_MODEL, "Noise2Grad, trained on simulated quarter-dose chest CT (README, 'Starter model'); "
@@ -47,8 +52,8 @@ class DenoisedVolume:
     (its headers are the templates of a derived series), ``derivation`` how it was made."""
 
     hu: np.ndarray
-    source: object
-    derivation: object
+    source: CTVolume
+    derivation: Derivation
 
     def save(self, path: str | Path) -> Path:
         """Write to ``path``: a NIfTI file when it ends in .nii/.nii.gz, else a derived DICOM series

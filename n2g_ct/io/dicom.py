@@ -444,7 +444,8 @@ def scan_dicom_tree(root: Path, *, keep_datasets: bool = False, read_pixels: boo
     series = [s for uid, files in members.items()
               if (s := _series_from_members(uid, files, keep_datasets, set_aside, damaged)) is not None]
     for s in series:
-        s.damaged = [d for d in damaged if d.path.parent == s.folder or d.path.parent in set(p.parent for p in s.paths)]
+        folders = {s.folder, *(p.parent for p in s.paths)}
+        s.damaged = [d for d in damaged if d.path.parent in folders]
     return DicomScan(sorted(series, key=lambda s: (str(s.folder), s.series_uid)), set_aside, damaged)
 
 
