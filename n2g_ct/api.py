@@ -75,14 +75,14 @@ class Model:
     """A denoising model on its device (from :func:`load_model`)."""
 
     def __init__(self, checkpoint: Path, device: str = "auto", amp: bool = True, batch_size: int | None = None) -> None:
-        from n2g_ct.checkpoint import file_sha256, load_checkpoint
-        from n2g_ct.inference import DEFAULT_BATCH_SIZE, denoiser_from_checkpoint
+        from n2g_ct.inference.denoiser import DEFAULT_BATCH_SIZE, denoiser_from_checkpoint
         from n2g_ct.io.dicom_writer import Derivation
+        from n2g_ct.models.checkpoint import read_checkpoint
 
         self.checkpoint = checkpoint
-        self.denoiser = denoiser_from_checkpoint(load_checkpoint(checkpoint), device=device, amp=amp,
-                                                 source=str(checkpoint))
-        self.derivation = Derivation(self.denoiser.method, file_sha256(checkpoint), self.denoiser.precision)
+        loaded = read_checkpoint(checkpoint)
+        self.denoiser = denoiser_from_checkpoint(loaded, device=device, amp=amp)
+        self.derivation = Derivation(self.denoiser.method, loaded.sha256, self.denoiser.precision)
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.denoiser.device.type]
 
     def denoise(self, data: str | Path | np.ndarray) -> DenoisedVolume | np.ndarray:
@@ -92,7 +92,7 @@ class Model:
             For a path, a :class:`DenoisedVolume` (``.hu``, ``.save(path)``); for an array, the
             denoised float32 array of its shape. Padding outside the field of view stays as it was.
         """
-        from n2g_ct.inference import denoise_volume
+        from n2g_ct.inference.denoiser import denoise_volume
         from n2g_ct.io import read_volume
 
         if isinstance(data, np.ndarray):

@@ -59,7 +59,7 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from n2g_ct.api import NAMED_MODELS
-    from n2g_ct.checkpoint import file_sha256
+    from n2g_ct.models.checkpoint import file_sha256
 
     for name, (path, description) in NAMED_MODELS.items():
         print(f"{name}: {description}\n  {path} ({path.stat().st_size / 2**20:.1f} MiB, sha256 {file_sha256(path)[:12]})")
@@ -69,7 +69,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import shutil
 
-    from n2g_ct.cache import find_caches, folder_bytes
+    from n2g_ct.datasets.cache import find_caches, folder_bytes
 
     roots = list(args.paths) or [Path.cwd()] + ([Path(os.environ["N2G_CT_CACHE"])] if os.environ.get("N2G_CT_CACHE") else [])
     caches = find_caches([r for r in roots if r.exists()])
@@ -110,7 +110,7 @@ def _add_rescale_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_manifest_scan(args: argparse.Namespace) -> int:
-    from n2g_ct.manifest import scan_dataset
+    from n2g_ct.datasets.manifest import scan_dataset
 
     summary = scan_dataset(args.dataset, args.root, args.out, splits=args.split, seed=args.seed, force=args.force)
     print(summary.render())
@@ -118,7 +118,7 @@ def _cmd_manifest_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest_check(args: argparse.Namespace) -> int:
-    from n2g_ct.manifest import check_manifest
+    from n2g_ct.datasets.manifest import check_manifest
 
     report = check_manifest(args.manifest, args.data_root)
     print(report.render())
@@ -162,8 +162,8 @@ def _add_manifest_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from n2g_ct.config import config_template, load_config
-    from n2g_ct.train import HarmfulModel, TrainingInterrupted, train
-    from n2g_ct.train_config import TrainConfig
+    from n2g_ct.training.config import TrainConfig
+    from n2g_ct.training.loop import HarmfulModel, TrainingInterrupted, train
 
     if args.print_config:
         print(f"# n2g-ct {__version__} training configuration: every setting at its default.\n"
@@ -209,7 +209,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_denoise(args: argparse.Namespace) -> int:
-    from n2g_ct.denoise import denoise_inputs
+    from n2g_ct.inference.denoise import denoise_inputs
 
     with command_log(args.out / "denoise.log"):
         summary = denoise_inputs(
@@ -257,7 +257,7 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from n2g_ct.checkpoint import export_model, file_sha256
+    from n2g_ct.models.checkpoint import export_model, file_sha256
 
     exported = export_model(args.checkpoint, args.out)
     print(f"{args.out}: {exported['config']['method']['name']} model after {exported['step']} steps, "
@@ -279,8 +279,8 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from n2g_ct.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
-    from n2g_ct.manifest import PairSelection
+    from n2g_ct.datasets.manifest import PairSelection
+    from n2g_ct.evaluation.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
 
     roi = RoiSettings() if args.roi_size is None else RoiSettings(size_px=args.roi_size)
     options = {
@@ -327,7 +327,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from n2g_ct.simulate import ScanGeometry, simulate_series
+    from n2g_ct.simulation.low_dose import ScanGeometry, simulate_series
 
     geometry = ScanGeometry(args.geometry, views=args.views, filter=args.filter)
     with command_log(args.out.parent / f"{args.out.name}.log", output=args.out):
@@ -369,7 +369,7 @@ def _add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _budget(text: str):
-    from n2g_ct.train_config import Budget
+    from n2g_ct.training.config import Budget
 
     try:
         return Budget.parse(text)

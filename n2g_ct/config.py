@@ -92,9 +92,12 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T | None
     before = len(errors)  # problems found elsewhere must not hide this section's own checks
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    for name in unknown:
-        errors.append(f"{prefix}{name}: unknown key (allowed: {', '.join(fields)})")
+    removed = getattr(cls, "REMOVED", {})
+    for name in sorted(set(data) - set(fields)):
+        if name not in removed:
+            errors.append(f"{prefix}{name}: unknown key (allowed: {', '.join(fields)})")
+        elif data[name] not in removed[name][1]:  # a removed key at its old default changes nothing
+            errors.append(f"{prefix}{name}: removed ({removed[name][0]})")
     kwargs = {}
     for name in fields:
         if name in data:

@@ -51,13 +51,13 @@ class DemoResult:
 
 def _previous_minutes(out: Path) -> float | None:
     """The time budget of a demo training run already in ``out``, or None when there is none."""
-    from n2g_ct.checkpoint import load_checkpoint
-    from n2g_ct.train import LAST_CHECKPOINT
+    from n2g_ct.models.checkpoint import read_checkpoint
+    from n2g_ct.training.run_folder import RunFolder
 
-    checkpoint = out / "train" / TRAINING_RUN / "checkpoints" / LAST_CHECKPOINT
+    checkpoint = RunFolder(out / "train" / TRAINING_RUN).last_checkpoint
     if not checkpoint.exists():
         return None
-    return load_checkpoint(checkpoint)["config"]["optim"].get("minutes")
+    return read_checkpoint(checkpoint).info.config["optim"].get("minutes")
 
 
 def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, progress: bool = True,
@@ -69,9 +69,9 @@ def run_demo(out: Path, *, minutes: float = 3.0, device: str | None = None, prog
     """
     import shutil
 
-    from n2g_ct.denoise import denoise_inputs
-    from n2g_ct.phantom import chest_phantom, write_phantom_series
-    from n2g_ct.train_config import Budget
+    from n2g_ct.inference.denoise import denoise_inputs
+    from n2g_ct.simulation.phantom import chest_phantom, write_phantom_series
+    from n2g_ct.training.config import Budget
 
     previous = _previous_minutes(out)
     if previous is not None and overwrite:

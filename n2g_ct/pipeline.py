@@ -8,7 +8,7 @@ A recipe is YAML with these sections (schema: ``pipelines/README.md``):
 - ``train``: named training runs, each a ``n2g-ct train`` configuration (``data``, ``model``,
   ``method``, ``optim``, ``run``); written to ``OUT/train/NAME``.
 - ``paper``: instead of the CT sections, one of the Noise2Grad paper's natural-image experiments
-  (:mod:`n2g_ct.paper_experiments`): noise settings × methods, trained and evaluated on image folders.
+  (:mod:`n2g_ct.research.paper_experiments`): noise settings × methods, trained and evaluated on image folders.
 - ``evaluate``: paired evaluation of the noisy input, the trained models (by run name, last
   checkpoint) and optional BM3D, on given pairs or a manifest split's test pairs; written to
   ``OUT/evaluation``.
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from n2g_ct.config import apply_overrides, from_dict, load_yaml
+from n2g_ct.datasets.manifest import PairSelection
 from n2g_ct.errors import ConfigError
-from n2g_ct.manifest import PairSelection
-from n2g_ct.paper_experiments import PaperExperiment
-from n2g_ct.train_config import Budget
+from n2g_ct.research.paper_experiments import PaperExperiment
+from n2g_ct.training.config import Budget
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class PipelineResult:
 
     out: Path
     checkpoints: dict[str, Path]
-    evaluation: Any = None  # n2g_ct.evaluate.EvaluationResult when the recipe evaluates
+    evaluation: Any = None  # n2g_ct.evaluation.evaluate.EvaluationResult when the recipe evaluates
 
     def render(self) -> str:
         """Where everything is, and the evaluation table."""
@@ -195,7 +195,7 @@ LEARNING_CURVES = "learning_curves.png"
 
 def _train_configs(recipe: Recipe, out: Path, budget: Budget | None, device: str | None) -> dict:
     """A validated TrainConfig per run (all checked before anything runs)."""
-    from n2g_ct.train_config import TrainConfig
+    from n2g_ct.training.config import TrainConfig
 
     configs = {}
     for step in recipe.train:
@@ -209,7 +209,7 @@ def _train_configs(recipe: Recipe, out: Path, budget: Budget | None, device: str
 
 
 def _scan(step: ManifestStep, out: Path) -> None:
-    from n2g_ct.manifest import scan_dataset
+    from n2g_ct.datasets.manifest import scan_dataset
 
     target = out / MANIFEST
     if target.exists():
@@ -219,7 +219,7 @@ def _scan(step: ManifestStep, out: Path) -> None:
 
 
 def _simulate(step: SimulateStep, out: Path, device: str | None, progress: bool) -> None:
-    from n2g_ct.simulate import ScanGeometry, simulate_series
+    from n2g_ct.simulation.low_dose import ScanGeometry, simulate_series
 
     target = out / "simulated" / step.name
     if target.exists():
@@ -243,13 +243,13 @@ def run_pipeline(recipe: Recipe, out: Path, *, budget: Budget | None = None, dev
         overwrite: redo the evaluation even when its output exists.
     """
     from n2g_ct.atomic import atomic_file
-    from n2g_ct.cache import VolumeCache
-    from n2g_ct.reports import learning_curves_png
-    from n2g_ct.train import train_to_completion
-    from n2g_ct.evaluate import EvaluationResult, ModelSpec, evaluate, evaluate_split
+    from n2g_ct.datasets.cache import VolumeCache
+    from n2g_ct.evaluation.evaluate import EvaluationResult, ModelSpec, evaluate, evaluate_split
+    from n2g_ct.evaluation.reports import learning_curves_png
+    from n2g_ct.training.loop import train_to_completion
 
     if recipe.paper is not None:
-        from n2g_ct.paper_experiments import run_paper_experiment
+        from n2g_ct.research.paper_experiments import run_paper_experiment
 
         result = run_paper_experiment(recipe.paper, out, budget=budget, device=device, progress=progress,
                                       overwrite=overwrite)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
-
 from factories import write_ct_series
-from n2g_ct.checkpoint import save_checkpoint
+
 from n2g_ct.models import build_denoiser
+from n2g_ct.models.checkpoint import save_checkpoint
 
 WINDOW_HU = (-1024.0, 3072.0)
 
@@ -26,7 +26,8 @@ def tiny_checkpoint(path: Path, *, base_width: int = 4, depth: int = 3, method: 
         "model": {"channels": 1, "base_width": base_width, "depth": depth},
         "method": {"name": method},
     }
-    save_checkpoint({"step": 0, "config": config, "denoiser": build_denoiser(1, 1, base_width, depth).state_dict()}, path)
+    save_checkpoint(path, config=config, denoiser=build_denoiser(1, 1, base_width, depth).state_dict(), step=0,
+                    total_steps=None, self_check=None)
     return path
 
 
@@ -44,7 +45,7 @@ def identity_checkpoint(path: Path, shift_hu: float = 0.0) -> Path:
         network.head.bias[0] = shift_hu / (WINDOW_HU[1] - WINDOW_HU[0])
     config = {"data": {"window_hu": list(WINDOW_HU)}, "model": {"channels": 1, "base_width": 4, "depth": 2},
               "method": {"name": "supervised"}}
-    save_checkpoint({"step": 7, "config": config, "denoiser": network.state_dict()}, path)
+    save_checkpoint(path, config=config, denoiser=network.state_dict(), step=7, total_steps=None, self_check=None)
     return path
 
 

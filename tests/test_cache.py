@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -13,11 +12,11 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from factories import phantom_hu, write_ct_series
 
 import n2g_ct.io
-from factories import phantom_hu, write_ct_series
-from n2g_ct.cache import CACHE_FORMAT, VolumeCache, cache_location
 from n2g_ct.cli import main
+from n2g_ct.datasets.cache import CACHE_FORMAT, VolumeCache, cache_location
 from n2g_ct.errors import InputError
 
 
@@ -204,7 +203,7 @@ def test_a_runs_cache_lives_under_its_output_unless_the_user_configured_one(monk
 
 def test_a_cache_is_tagged_announced_with_its_size_listed_and_cleared(series, tmp_path, caplog, capsys):
     cache = VolumeCache(tmp_path / "run" / "cache")
-    with caplog.at_level(logging.INFO, logger="n2g_ct.cache"):
+    with caplog.at_level(logging.INFO, logger="n2g_ct.datasets.cache"):
         cache.get(series)
         cache.get(series)
     assert caplog.text.count("HU cache") == 1 and " MB " in caplog.text and "n2g-ct cache clear" in caplog.text
@@ -230,8 +229,8 @@ def test_source_changing_during_conversion_is_not_cached(series, cache, monkeypa
 
 
 def test_evaluate_leaves_no_copy_of_the_images_behind(series, tmp_path, monkeypatch):
-    from n2g_ct.evaluate import evaluate
-    from n2g_ct.manifest import PairSelection
+    from n2g_ct.datasets.manifest import PairSelection
+    from n2g_ct.evaluation.evaluate import evaluate
 
     monkeypatch.delenv("N2G_CT_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

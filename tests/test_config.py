@@ -7,7 +7,7 @@ import yaml
 
 from n2g_ct.config import apply_overrides, from_dict, load_config, to_dict
 from n2g_ct.errors import ConfigError
-from n2g_ct.train_config import TrainConfig
+from n2g_ct.training.config import TrainConfig
 
 POOLS = {"noisy": [{"series": "ld"}], "clean": [{"series": "nd", "slices": [0, 2]}]}
 

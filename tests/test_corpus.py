@@ -19,15 +19,15 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from denoise_factories import _tool, dciodvfy_errors, identity_checkpoint
-from n2g_ct.cache import VolumeCache
-from n2g_ct.data import slice_pool
-from n2g_ct.denoise import denoise_inputs
-from n2g_ct.evaluate import evaluate
+
+from n2g_ct.datasets.cache import VolumeCache
+from n2g_ct.datasets.manifest import PairSelection
+from n2g_ct.datasets.slices import slice_pool
+from n2g_ct.evaluation.evaluate import evaluate
+from n2g_ct.inference.denoise import denoise_inputs
 from n2g_ct.io import read_dicom_series, scan_dicom
 from n2g_ct.io.summary import describe_path
-from n2g_ct.manifest import PairSelection
 
 CORPUS = Path(os.environ.get("N2G_CT_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-corpus"))
 pytestmark = pytest.mark.skipif(not (CORPUS / "MANIFEST.sha256").is_file(),

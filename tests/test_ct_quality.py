@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from n2g_ct.baselines import estimate_noise_psd, oracle_noise_psd, psd_for_bm3d
-from n2g_ct.ct_quality import (
+from n2g_ct.evaluation.bm3d import estimate_noise_psd, oracle_noise_psd, psd_for_bm3d
+from n2g_ct.quality.ct_measures import (
     bone_mask,
     edge_mask,
     find_uniform_rois,

@@ -7,14 +7,14 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from factories import phantom_hu, write_ct_series
 from torch.utils.data import DataLoader
 
-from factories import phantom_hu, write_ct_series
-from n2g_ct.cache import VolumeCache
-from n2g_ct.data import PairedCropStream, PairedSliceDataset, UnpairedCropStream
+from n2g_ct.datasets.cache import VolumeCache
+from n2g_ct.datasets.manifest import PairSelection, SliceSelection, Split
+from n2g_ct.datasets.slices import PairedCropStream, PairedSliceDataset, UnpairedCropStream
+from n2g_ct.datasets.transforms import Keys
 from n2g_ct.errors import InputError
-from n2g_ct.manifest import PairSelection, SliceSelection, Split
-from n2g_ct.transforms import Keys
 
 CROP = (16, 16)
 
@@ -101,9 +101,9 @@ def test_distributed_ranks_draw_different_crops(pools, cache):
         stream(2)
 
 
-def test_built_from_a_split(pools, cache):
+def test_built_from_a_splits_selections(pools, cache):
     split = Split("demo", noisy=(SliceSelection(pools[0], (0, 1)),), clean=(SliceSelection(pools[1]),), test=())
-    stream = UnpairedCropStream.from_split(split, crop_size=CROP, cache=cache)
+    stream = UnpairedCropStream(split.noisy, split.clean, crop_size=CROP, cache=cache)
     assert len(stream.draws[0][0]) == 2 and len(stream.draws[1][0]) == 6
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-
-import n2g_ct.denoise as denoise_module
 from denoise_factories import dciodvfy_errors, identity_checkpoint, tiny_checkpoint, write_complete_ct_series
 from factories import correlated_noise, phantom_hu, smooth_images, write_ct_series
+
+import n2g_ct.inference.denoise as denoise_module
 from n2g_ct.cli import main
-from n2g_ct.denoise import SUMMARY_NAME, denoise_inputs
+from n2g_ct.inference.denoise import SUMMARY_NAME, denoise_inputs
 from n2g_ct.io import read_nifti, read_volume
 from n2g_ct.io.dicom_writer import DerivedSeriesWriter
 from n2g_ct.io.nifti import write_nifti

@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
-
 from denoise_factories import dcentvfy_report, dciodvfy_errors, dcm2niix, write_complete_ct_series
 from factories import phantom_hu, write_ct_series
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+
 from n2g_ct import __version__
 from n2g_ct.io import read_volume
 from n2g_ct.io.dicom_writer import (

@@ -17,13 +17,13 @@ from denoise_factories import identity_checkpoint
 from factories import correlated_noise, smooth_images, write_ct_series
 
 from n2g_ct import __version__
-from n2g_ct.cache import VolumeCache
-from n2g_ct.checkpoint import file_sha256
 from n2g_ct.cli import main
+from n2g_ct.datasets.cache import VolumeCache
+from n2g_ct.datasets.manifest import PairSelection
 from n2g_ct.errors import ConfigError, InputError
-from n2g_ct.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
-from n2g_ct.manifest import PairSelection
-from n2g_ct.metrics import WINDOWS, ssim
+from n2g_ct.evaluation.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
+from n2g_ct.models.checkpoint import file_sha256
+from n2g_ct.quality.metrics import WINDOWS, ssim
 
 SIZE, SLICES = 64, 3
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-SECRET-42"
@@ -138,7 +138,7 @@ def test_max_slices_takes_evenly_spaced_slices_and_out_must_be_new_or_overwritte
 
 
 def test_an_interrupted_run_leaves_no_complete_looking_output(data, tmp_path, monkeypatch):
-    import n2g_ct.evaluate as module
+    import n2g_ct.evaluation.evaluate as module
 
     calls = []
 

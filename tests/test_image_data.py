@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from n2g_ct.errors import InputError
-from n2g_ct.image_data import (
+from n2g_ct.datasets.images import (
     ImageCropStream,
     ImagePools,
     add_noise,
     image_files,
     load_image,
 )
-from n2g_ct.noise_models import NoiseModel
+from n2g_ct.errors import InputError
+from n2g_ct.simulation.noise_models import NoiseModel
 
 COUNT, VALIDATION = 12, 2
 NOISE = NoiseModel("gaussian", level=5)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from denoise_factories import WINDOW_HU, tiny_checkpoint
 from factories import phantom_hu
-from n2g_ct.checkpoint import load_checkpoint
+from torch import nn
+
 from n2g_ct.errors import InputError, N2GError
-from n2g_ct.inference import Denoiser, denoise_volume, denoiser_from_checkpoint
+from n2g_ct.inference.denoiser import Denoiser, denoise_volume, denoiser_from_checkpoint
+from n2g_ct.io.hu_window import HUWindow
+from n2g_ct.models.checkpoint import load_checkpoint, read_checkpoint
 
 
 class Recorder(nn.Module):
@@ -28,7 +29,7 @@ class Recorder(nn.Module):
 
 
 def test_identity_network_returns_the_input_clipped_to_the_window():
-    denoiser = Denoiser(Recorder(), (-1000.0, 1000.0), "test", torch.device("cpu"))
+    denoiser = Denoiser(Recorder(), HUWindow(-1000.0, 1000.0), "test", torch.device("cpu"))
     hu = np.array([[[-3000.0, -1000.0, -250.5, 0.0, 999.0, 1500.0]]], np.float32)
     out = denoise_volume(denoiser, hu)
     np.testing.assert_allclose(out, np.clip(hu, -1000, 1000), atol=1e-3)
@@ -37,7 +38,7 @@ def test_identity_network_returns_the_input_clipped_to_the_window():
 
 def test_never_more_than_one_batch_on_the_device_for_a_1000_slice_series():
     network = Recorder()
-    denoiser = Denoiser(network, WINDOW_HU, "test", torch.device("cpu"))
+    denoiser = Denoiser(network, HUWindow(*WINDOW_HU), "test", torch.device("cpu"))
     hu = np.random.default_rng(0).uniform(-1000, 2000, (1000, 6, 5)).astype(np.float32)
     progress = []
     out = denoise_volume(denoiser, hu, batch_size=7, on_batch=progress.append)
@@ -48,7 +49,7 @@ def test_never_more_than_one_batch_on_the_device_for_a_1000_slice_series():
 
 
 def test_in_place_output_and_padding_kept():
-    denoiser = Denoiser(lambda x: torch.full_like(x, 0.5), WINDOW_HU, "test", torch.device("cpu"))
+    denoiser = Denoiser(lambda x: torch.full_like(x, 0.5), HUWindow(*WINDOW_HU), "test", torch.device("cpu"))
     hu = phantom_hu((3, 9, 11))
     keep = np.zeros(hu.shape, bool)
     keep[:, :2] = True
@@ -60,8 +61,7 @@ def test_in_place_output_and_padding_kept():
 
 
 def test_unet_result_does_not_depend_on_batch_size_and_takes_odd_sizes(tmp_path, device):
-    state = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
-    denoiser = denoiser_from_checkpoint(state, device=str(device))
+    denoiser = denoiser_from_checkpoint(read_checkpoint(tiny_checkpoint(tmp_path / "m.pt")), device=str(device))
     hu = phantom_hu((5, 37, 23))
     outputs = [denoise_volume(denoiser, hu, batch_size=b) for b in (1, 2, 5)]
     assert outputs[0].shape == hu.shape
@@ -73,11 +73,12 @@ def test_unet_result_does_not_depend_on_batch_size_and_takes_odd_sizes(tmp_path,
 
 def test_checkpoint_rebuilds_the_trained_network(tmp_path):
     path = tiny_checkpoint(tmp_path / "m.pt", base_width=4, depth=2, method="supervised", window_hu=(-500, 1500))
-    state = load_checkpoint(path)
-    denoiser = denoiser_from_checkpoint(state, device="cpu")
-    assert denoiser.window_hu == (-500.0, 1500.0) and denoiser.method == "supervised" and denoiser.precision == "fp32"
+    checkpoint = read_checkpoint(path)
+    denoiser = denoiser_from_checkpoint(checkpoint, device="cpu")
+    assert denoiser.window == HUWindow(-500.0, 1500.0) and denoiser.method == "supervised" and denoiser.precision == "fp32"
     for name, tensor in denoiser.network.state_dict().items():
-        assert torch.equal(tensor, state["denoiser"][name]), name
+        assert torch.equal(tensor, checkpoint.state["denoiser"][name]), name
+    assert checkpoint.info.describe() == "supervised denoiser, step 0" and len(checkpoint.sha256) == 64
     assert not denoiser.network.training
 
 
@@ -94,16 +95,17 @@ def test_checkpoint_rebuilds_the_trained_network(tmp_path):
 def test_bad_checkpoints_are_refused_clearly(tmp_path, change, message):
     state = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
     change(state)
-    with pytest.raises(InputError, match=message):
-        denoiser_from_checkpoint(state, device="cpu", source="m.pt")
+    torch.save(state, tmp_path / "changed.pt")
+    with pytest.raises(InputError, match=f"changed.pt.*{message}"):
+        denoiser_from_checkpoint(read_checkpoint(tmp_path / "changed.pt"), device="cpu")
 
 
 def test_non_finite_output_is_an_error():
-    denoiser = Denoiser(lambda x: x * float("nan"), WINDOW_HU, "test", torch.device("cpu"))
+    denoiser = Denoiser(lambda x: x * float("nan"), HUWindow(*WINDOW_HU), "test", torch.device("cpu"))
     with pytest.raises(N2GError, match="NaN"):
         denoise_volume(denoiser, phantom_hu((1, 4, 4)))
 
 
 def test_amp_only_on_cuda(tmp_path):
-    state = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
-    assert denoiser_from_checkpoint(state, device="cpu", amp=True).amp is False
+    checkpoint = read_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
+    assert denoiser_from_checkpoint(checkpoint, device="cpu", amp=True).amp is False

@@ -12,9 +12,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from factories import phantom_hu, write_ct_series
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from factories import phantom_hu, write_ct_series
 from n2g_ct.errors import InputError
 from n2g_ct.io import read_volume, scan_dicom
 

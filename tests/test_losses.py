@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import n2g_ct.losses
-from n2g_ct.losses import denoise_loss, gradient_loss, image_gradient
+import n2g_ct.methods.losses
+from n2g_ct.methods.losses import denoise_loss, gradient_loss, image_gradient
 
 
 def _paper_gradient_by_convolution(z: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def _paper_gradient_by_convolution(z: torch.Tensor) -> torch.Tensor:
 
 
 def test_docstring_examples():
-    assert doctest.testmod(n2g_ct.losses, raise_on_error=True).attempted >= 3
+    assert doctest.testmod(n2g_ct.methods.losses, raise_on_error=True).attempted >= 3
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 9, 7), (1, 3, 2, 2), (3, 2, 16, 5)])

@@ -14,8 +14,7 @@ import yaml
 from fake_mayo import MAYO_PATIENTS, build_fake_mayo, mayo_series_folder
 
 from n2g_ct.cli import main
-from n2g_ct.errors import ConfigError, InputError
-from n2g_ct.manifest import (
+from n2g_ct.datasets.manifest import (
     DEFINITIONS_DIR,
     PairSelection,
     RandomPositionsRule,
@@ -27,6 +26,7 @@ from n2g_ct.manifest import (
     paper_counts,
     scan_dataset,
 )
+from n2g_ct.errors import ConfigError, InputError
 
 PHI = ("PID-SECRET-42", "Doe", "Jane")  # the fake headers' patient ID and name
 UNPAIRED = "L333"  # in the patient split's test set: its quarter-dose series has one extra slice

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from n2g_ct.config import from_dict
-from n2g_ct.noise2grad import Noise2GradOptions, noise2grad_step
+from n2g_ct.methods import Noise2Grad, Noise2GradOptions
 from n2g_ct.pipeline import load_recipe, run_pipeline
-from n2g_ct.train_config import Budget, TrainConfig
+from n2g_ct.training.config import Budget, TrainConfig
 
 RECIPE = """
 n2g_ct_pipeline: 1
@@ -26,7 +26,7 @@ paper:
     - {name: gaussian_25, noise: {kind: gaussian, level: 25}, paper: {n2g: 31.71, bm3d: 30.9, noisy: 20.2}}
     - {name: speckle_01, noise: {kind: speckle, level: 0.1}}
   methods:
-    - {name: n2g, description: Noise2Grad, config: {method: {name: noise2grad, noise2grad: {period_fraction: 0.5}}}}
+    - {name: n2g, description: Noise2Grad, config: {method: {name: noise2grad, noise2grad: {period: 50%}}}}
     - {name: fake, description: superposed pairs, config: {method: {name: supervised}, images: {pairs: superposed}}}
   train:
     data: {crop_size: 32}
@@ -92,10 +92,10 @@ def test_a_rerun_skips_finished_runs_and_keeps_the_evaluation(experiment):
 
 
 def test_natural_image_validation_of_the_identity_scores_the_noisy_input(experiment):
-    from n2g_ct.image_data import ImagePools
-    from n2g_ct.metrics import IMAGE_RANGE, psnr
-    from n2g_ct.paper_experiments import train_configs
-    from n2g_ct.training_data import build_validation
+    from n2g_ct.datasets.images import ImagePools
+    from n2g_ct.quality.metrics import IMAGE_RANGE, psnr
+    from n2g_ct.research.paper_experiments import train_configs
+    from n2g_ct.training.data import build_validation
 
     recipe, out = experiment
     config = next(iter(train_configs(recipe.paper, out).values()))
@@ -130,13 +130,12 @@ def test_bad_budgets_are_refused(text):
 
 
 def test_a_relative_update_delay_scales_with_the_run_length():
-    options = Noise2GradOptions(variant="faithful", period_fraction=0.1)
-    denoiser, g = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
-    x = y = torch.rand(1, 1, 8, 8)
+    method = Noise2Grad(nn.Conv2d(1, 1, 1), Noise2GradOptions(variant="faithful", period="10%"))
+    batch = {"noisy": torch.rand(1, 1, 8, 8), "clean": torch.rand(1, 1, 8, 8)}
 
     def grad_steps(total):
-        return [t for t in range(1, total + 1)
-                if noise2grad_step(denoiser, g, x, y, t, options, torch.Generator(), total).grad_loss is not None]
+        method.start(total)
+        return [t for t in range(1, total + 1) if method(batch, t, torch.Generator()).grad_loss is not None]
 
     def spacing(steps, low, high):
         return set(np.diff([t for t in steps if low <= t < high]).tolist())
@@ -146,5 +145,3 @@ def test_a_relative_update_delay_scales_with_the_run_length():
     for fraction in (0.3, 0.6, 0.9):  # the same delay tau at the same point of either run
         tau = round(fraction * 10) + 1
         assert spacing(short, fraction * 200, fraction * 200 + 20) == spacing(long, fraction * 2000, fraction * 2000 + 200) == {tau}
-    with pytest.raises(ValueError, match="total_steps"):
-        noise2grad_step(denoiser, g, x, y, 1, options, torch.Generator())

@@ -13,8 +13,8 @@ import yaml
 
 from n2g_ct.errors import ConfigError
 from n2g_ct.io import read_volume
-from n2g_ct.phantom import chest_phantom, write_phantom_series
 from n2g_ct.pipeline import load_recipe
+from n2g_ct.simulation.phantom import chest_phantom, write_phantom_series
 
 
 def test_phantom_has_ct_tissues_and_is_seeded():
@@ -151,11 +151,11 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 @pytest.mark.parametrize("recipe_path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_and_its_training_runs_validate(recipe_path, tmp_path):
     from n2g_ct.config import from_dict
-    from n2g_ct.train_config import Budget, TrainConfig
+    from n2g_ct.training.config import Budget, TrainConfig
 
     recipe = load_recipe(recipe_path, data_root=tmp_path / "data", out=tmp_path / "out")
     if recipe.paper is not None:
-        from n2g_ct.paper_experiments import train_configs
+        from n2g_ct.research.paper_experiments import train_configs
 
         configs = train_configs(recipe.paper, tmp_path / "out", Budget.parse("50steps"))
         assert len(configs) == len(recipe.paper.settings) * len(recipe.paper.methods)
@@ -169,11 +169,13 @@ def test_every_shipped_recipe_and_its_training_runs_validate(recipe_path, tmp_pa
 def _fake_demo(tmp_path, monkeypatch, minutes: float):
     """A demo folder whose training run was made with ``minutes``; the pipeline and denoise stubbed."""
     import n2g_ct.demo as demo
-    from n2g_ct.checkpoint import save_checkpoint
+    from n2g_ct.models.checkpoint import save_checkpoint
 
     out = tmp_path / "demo"
-    save_checkpoint({"step": 1, "config": {"optim": {"minutes": minutes}}},
-                    out / "train" / demo.TRAINING_RUN / "checkpoints" / "last.pt")
+    config = {"data": {"window_hu": [-1024, 3072]}, "model": {"channels": 1, "base_width": 4, "depth": 2},
+              "method": {"name": "noise2grad"}, "optim": {"minutes": minutes}}
+    save_checkpoint(out / "train" / demo.TRAINING_RUN / "checkpoints" / "last.pt", config=config, denoiser={}, step=1,
+                    total_steps=None, self_check=None)
     (out / "phantom").mkdir(parents=True)
     calls = {}
 
@@ -188,7 +190,7 @@ def _fake_demo(tmp_path, monkeypatch, minutes: float):
         return record
 
     monkeypatch.setattr(demo, "run_pipeline", recorder("pipeline"))
-    monkeypatch.setattr("n2g_ct.denoise.denoise_inputs", recorder("denoise"))
+    monkeypatch.setattr("n2g_ct.inference.denoise.denoise_inputs", recorder("denoise"))
     monkeypatch.setattr(demo, "load_recipe", lambda *a, **k: None)
     return demo, out, calls
 

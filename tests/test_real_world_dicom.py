@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRBigEndian
-
 from denoise_factories import dciodvfy_errors, tiny_checkpoint
 from factories import phantom_hu, write_ct_series
+from pydicom.uid import CTImageStorage, ExplicitVRBigEndian
+
 from n2g_ct import atomic
 from n2g_ct.cli import main
 from n2g_ct.config import from_dict
-from n2g_ct.denoise import SUMMARY_NAME
 from n2g_ct.errors import ConfigError, InputError
+from n2g_ct.inference.denoise import SUMMARY_NAME
 from n2g_ct.io import read_volume
 from n2g_ct.io.summary import describe_path
 from n2g_ct.models import STARTER_MODEL
-from n2g_ct.train_config import TrainConfig
+from n2g_ct.training.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_a_ct_slice_without_a_usable_rescale_fails_its_series_by_name_before_com
     rewrite(paths[2], change)
     with pytest.raises(InputError, match=f"{paths[2].name}.*{message}"):
         read_volume(tmp_path / "s")
-    monkeypatch.setattr("n2g_ct.denoise.denoise_volume", lambda *a, **k: pytest.fail("the model ran"))
+    monkeypatch.setattr("n2g_ct.inference.denoise.denoise_volume", lambda *a, **k: pytest.fail("the model ran"))
     assert denoise(tmp_path / "s", "--out", tmp_path / "out", "--model", model) == 1
     (row,) = rows(tmp_path / "out")
     assert row["status"] == "failed" and paths[2].name in row["message"] and message in row["message"]
@@ -248,7 +248,7 @@ def test_other_commands_check_their_output_location_before_working(tmp_path, mod
     write_ct_series(tmp_path / "s", phantom_hu((2, 16, 16)))
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "out"
-    monkeypatch.setattr("n2g_ct.simulate.simulate_low_dose", lambda *a, **k: pytest.fail("simulated before checking"))
+    monkeypatch.setattr("n2g_ct.simulation.low_dose.simulate_low_dose", lambda *a, **k: pytest.fail("simulated before checking"))
     argv = {"export": ["export", STARTER_MODEL, "--out", out],
             "simulate": ["simulate", tmp_path / "s", "--dose", "0.25", "--out", out],
             "evaluate": ["evaluate", "--pair", tmp_path / "s", tmp_path / "s", "--out", out, "--no-progress"]}[command]

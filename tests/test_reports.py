@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from n2g_ct.reports import (
+from n2g_ct.evaluation.reports import (
     ExampleSlice,
     example_figure_png,
     nps_figure_png,
@@ -28,7 +28,7 @@ def stats(mean: float, std: float | None) -> dict:
 
 
 def summary(skipped: tuple[str, ...] = ()) -> dict:
-    """The smallest summary in the layout :mod:`n2g_ct.evaluate` writes."""
+    """The smallest summary in the layout :mod:`n2g_ct.evaluation.evaluate` writes."""
     return {
         "n2g_ct_version": "0.0.test",
         "created_utc": "2026-01-01T00:00:00Z",
@@ -100,7 +100,7 @@ def test_findings_say_when_a_denoiser_trades_ssim_for_psnr_or_shifts_hu():
     def stats(psnr, ssim, bias=0.0):
         return {"psnr_display": {"mean": psnr}, "ssim_display": {"mean": ssim}, "roi_hu_bias_hu": {"mean": bias}}
 
-    from n2g_ct.reports import findings
+    from n2g_ct.evaluation.reports import findings
 
     lines = findings(_summary_with({"noisy": stats(20.0, 0.80), "smooth": stats(23.0, 0.78),
                                     "shifted": stats(22.0, 0.85, bias=-7.5), "good": stats(24.0, 0.9, bias=1.0)}))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from factories import correlated_noise, smooth_images
 
-from n2g_ct.ct_quality import gaussian_smooth
-from n2g_ct.self_check import SelfCheck, SelfCheckLimits
+from n2g_ct.quality.ct_measures import gaussian_smooth
+from n2g_ct.quality.self_check import SelfCheck, SelfCheckLimits
 
 SIZE, SLICES, SPACING = 128, 3, (0.8, 0.8)
 

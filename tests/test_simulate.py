@@ -10,12 +10,12 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-
 from denoise_factories import dciodvfy_errors, write_complete_ct_series
+
 from n2g_ct.cli import main
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.io import read_volume
-from n2g_ct.simulate import (
+from n2g_ct.simulation.low_dose import (
     FanBeam,
     LowDoseSimulator,
     ParallelBeam,

@@ -9,29 +9,35 @@ import pytest
 import torch
 from monai.data.meta_obj import get_track_meta
 
-from n2g_ct.transforms import (
+from n2g_ct.datasets.transforms import (
     CropSlice,
-    HUWindow,
     HUWindowd,
     RandCropSlice,
     RandCropSliced,
     apply_plain,
     crop_transforms,
 )
+from n2g_ct.io.hu_window import HUWindow
 
 
 def test_default_window_maps_minus_1024_to_0_and_3072_to_1_and_clips():
-    hu = np.array([-3000.0, -1024.0, 0.0, 1024.0, 3072.0, 5000.0])
-    out = np.asarray(HUWindow()(hu))
+    hu = np.array([-3000.0, -1024.0, 0.0, 1024.0, 3072.0, 5000.0], np.float32)
+    out = np.asarray(HUWindowd("img")({"img": hu})["img"])
     np.testing.assert_allclose(out, [0.0, 0.0, 0.25, 0.5, 1.0, 1.0])
     assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, HUWindow().to_unit(hu))  # the training transform is the window's mapping
+    torch.testing.assert_close(HUWindow().to_unit(torch.from_numpy(hu)), torch.from_numpy(out))
 
 
-def test_window_is_configurable_and_validated():
-    out = HUWindowd("img", window_hu=(-160, 240))({"img": np.array([-500.0, -160.0, 40.0, 240.0, 900.0])})
+def test_window_is_configurable_validated_and_inverted():
+    window = HUWindow(-160, 240)
+    out = HUWindowd("img", window)({"img": np.array([-500.0, -160.0, 40.0, 240.0, 900.0])})
     np.testing.assert_allclose(np.asarray(out["img"]), [0.0, 0.0, 0.5, 1.0, 1.0])
+    inside = np.array([-160.0, -3.5, 240.0], np.float32)
+    np.testing.assert_allclose(window.to_hu(window.to_unit(inside)), inside, atol=1e-4)
+    assert window.width == 400.0 and HUWindow.of([-160, 240]) == window and window.as_list() == [-160.0, 240.0]
     with pytest.raises(ValueError, match="low < high"):
-        HUWindow((100, -100))
+        HUWindow(100, -100)
 
 
 def test_crop_slice_copies_the_window_channel_first():

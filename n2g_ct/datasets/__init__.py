@@ -1,0 +1,1 @@
+"""Datasets: slice selections, manifests, the volume cache, training crops and transforms."""

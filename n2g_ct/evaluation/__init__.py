@@ -1,0 +1,1 @@
+"""Paired evaluation against references, BM3D, and the reports."""

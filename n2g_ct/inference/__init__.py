@@ -1,0 +1,1 @@
+"""Inference: a trained denoiser on HU slices, and batch denoising of series and volumes."""

@@ -1,0 +1,1 @@
+"""Image quality on HU slices: metrics against a reference, CT measures, reference-free self-checks."""
