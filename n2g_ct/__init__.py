@@ -18,10 +18,14 @@ __all__ = ["NAMED_MODELS", "__version__", "load_model", "read_volume"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load_model", "NAMED_MODELS"):
-        from n2g_ct import api
+    if name == "load_model":
+        from n2g_ct.api import load_model
 
-        return getattr(api, name)
+        return load_model
+    if name == "NAMED_MODELS":
+        from n2g_ct.models import NAMED_MODELS
+
+        return NAMED_MODELS
     if name == "read_volume":
         from n2g_ct.io import read_volume
 

@@ -5,7 +5,7 @@
     model.denoise("scans/patient1/").save("out/patient1")   # derived DICOM series ("....nii.gz": NIfTI)
 
 ``model.denoise`` also takes an HU array, (y, x) or (z, y, x), and returns the denoised array.
-Named models (:data:`NAMED_MODELS`, ``n2g-ct models``) ship with the package.
+Named models (:data:`n2g_ct.models.NAMED_MODELS`, ``n2g-ct models``) ship with the package.
 """
 
 from __future__ import annotations
@@ -17,34 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from n2g_ct.errors import InputError
-from n2g_ct.models import STARTER_MODEL
+from n2g_ct.models import resolve_model
 
 if TYPE_CHECKING:
     from n2g_ct.io.dicom_writer import Derivation
     from n2g_ct.io.volume import CTVolume
-
-NAMED_MODELS: dict[str, tuple[Path, str]] = {
-    "starter": (STARTER_MODEL, "Noise2Grad, trained on simulated quarter-dose chest CT (README, 'Starter model'); "
-                "a starting point, not a clinical denoiser"),
-}
-"""Models that ship with n2g-ct: name → (checkpoint, one-line description)."""
-
-
-def resolve_model(model: str | Path | None) -> Path:
-    """The checkpoint of a named model (``starter``) or a path; None is the starter model.
-
-    Raises:
-        InputError: neither a named model nor an existing file.
-    """
-    if model is None:
-        return STARTER_MODEL
-    if str(model) in NAMED_MODELS:
-        return NAMED_MODELS[str(model)][0]
-    path = Path(model).expanduser()
-    if not path.is_file():
-        raise InputError(f"{model}: no such checkpoint, and not a named model ({', '.join(NAMED_MODELS)})")
-    return path
-
 
 @dataclass
 class DenoisedVolume:

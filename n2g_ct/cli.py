@@ -58,7 +58,7 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from n2g_ct.api import NAMED_MODELS
+    from n2g_ct.models import NAMED_MODELS
     from n2g_ct.models.checkpoint import file_sha256
 
     for name, (path, description) in NAMED_MODELS.items():
@@ -110,7 +110,7 @@ def _add_rescale_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_manifest_scan(args: argparse.Namespace) -> int:
-    from n2g_ct.datasets.manifest import scan_dataset
+    from n2g_ct.datasets.scan import scan_dataset
 
     summary = scan_dataset(args.dataset, args.root, args.out, splits=args.split, seed=args.seed, force=args.force)
     print(summary.render())
@@ -118,7 +118,7 @@ def _cmd_manifest_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest_check(args: argparse.Namespace) -> int:
-    from n2g_ct.datasets.manifest import check_manifest
+    from n2g_ct.datasets.check import check_manifest
 
     report = check_manifest(args.manifest, args.data_root)
     print(report.render())
@@ -279,7 +279,7 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from n2g_ct.datasets.manifest import PairSelection
+    from n2g_ct.datasets.selection import PairSelection
     from n2g_ct.evaluation.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
 
     roi = RoiSettings() if args.roi_size is None else RoiSettings(size_px=args.roi_size)
@@ -327,7 +327,8 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from n2g_ct.simulation.low_dose import ScanGeometry, simulate_series
+    from n2g_ct.simulation.projector import ScanGeometry
+    from n2g_ct.simulation.series import simulate_series
 
     geometry = ScanGeometry(args.geometry, views=args.views, filter=args.filter)
     with command_log(args.out.parent / f"{args.out.name}.log", output=args.out):
@@ -347,7 +348,7 @@ def _add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
         "+ N(0, sigma_e^2), log, filtered back-projection; only the noise difference FBP(noisy) - FBP(noiseless) "
         "is added to the source, so its own noise is kept. Without --i0, I0 is calibrated per slice so that the "
         "added noise is sqrt(1/dose - 1) x the slice's own noise (uniform soft-tissue windows). DICOM in: a derived "
-        "DICOM series in OUT; NIfTI in: OUT/<name>. Details: n2g_ct/simulate.py.",
+        "DICOM series in OUT; NIfTI in: OUT/<name>. Details: n2g_ct/simulation/low_dose.py.",
     )
     parser.add_argument("input", type=Path, metavar="INPUT", help="routine-dose DICOM series folder or NIfTI file")
     parser.add_argument("--dose", type=float, required=True, help="fraction of the source's dose, e.g. 0.25")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from n2g_ct.config import apply_overrides, from_dict, load_yaml
-from n2g_ct.datasets.manifest import PairSelection
+from n2g_ct.datasets.selection import PairSelection
 from n2g_ct.errors import ConfigError
 from n2g_ct.research.paper_experiments import PaperExperiment
 from n2g_ct.training.config import Budget
@@ -209,7 +209,7 @@ def _train_configs(recipe: Recipe, out: Path, budget: Budget | None, device: str
 
 
 def _scan(step: ManifestStep, out: Path) -> None:
-    from n2g_ct.datasets.manifest import scan_dataset
+    from n2g_ct.datasets.scan import scan_dataset
 
     target = out / MANIFEST
     if target.exists():
@@ -219,7 +219,8 @@ def _scan(step: ManifestStep, out: Path) -> None:
 
 
 def _simulate(step: SimulateStep, out: Path, device: str | None, progress: bool) -> None:
-    from n2g_ct.simulation.low_dose import ScanGeometry, simulate_series
+    from n2g_ct.simulation.projector import ScanGeometry
+    from n2g_ct.simulation.series import simulate_series
 
     target = out / "simulated" / step.name
     if target.exists():

@@ -229,7 +229,7 @@ def test_source_changing_during_conversion_is_not_cached(series, cache, monkeypa
 
 
 def test_evaluate_leaves_no_copy_of_the_images_behind(series, tmp_path, monkeypatch):
-    from n2g_ct.datasets.manifest import PairSelection
+    from n2g_ct.datasets.selection import PairSelection
     from n2g_ct.evaluation.evaluate import evaluate
 
     monkeypatch.delenv("N2G_CT_CACHE", raising=False)

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from denoise_factories import _tool, dciodvfy_errors, identity_checkpoint
 
 from n2g_ct.datasets.cache import VolumeCache
-from n2g_ct.datasets.manifest import PairSelection
+from n2g_ct.datasets.selection import PairSelection
 from n2g_ct.datasets.slices import slice_pool
 from n2g_ct.evaluation.evaluate import evaluate
 from n2g_ct.inference.denoise import denoise_inputs

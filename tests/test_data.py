@@ -11,7 +11,7 @@ from factories import phantom_hu, write_ct_series
 from torch.utils.data import DataLoader
 
 from n2g_ct.datasets.cache import VolumeCache
-from n2g_ct.datasets.manifest import PairSelection, SliceSelection, Split
+from n2g_ct.datasets.selection import PairSelection, SliceSelection, Split
 from n2g_ct.datasets.slices import PairedCropStream, PairedSliceDataset, UnpairedCropStream
 from n2g_ct.datasets.transforms import Keys
 from n2g_ct.errors import InputError

@@ -1,4 +1,4 @@
-"""Derived DICOM series: tags per DESIGN.md §6, HU and geometry kept, validators clean, UIDs deterministic."""
+"""Derived DICOM series: the derived-series tags, HU and geometry kept, validators clean, UIDs deterministic."""
 
 from __future__ import annotations
 

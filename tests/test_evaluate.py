@@ -19,7 +19,7 @@ from factories import correlated_noise, smooth_images, write_ct_series
 from n2g_ct import __version__
 from n2g_ct.cli import main
 from n2g_ct.datasets.cache import VolumeCache
-from n2g_ct.datasets.manifest import PairSelection
+from n2g_ct.datasets.selection import PairSelection
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.evaluation.evaluate import ModelSpec, RoiSettings, evaluate, evaluate_split
 from n2g_ct.models.checkpoint import file_sha256

@@ -12,8 +12,8 @@ from n2g_ct.datasets.images import (
     image_files,
     load_image,
 )
+from n2g_ct.datasets.noise_models import NoiseModel
 from n2g_ct.errors import InputError
-from n2g_ct.simulation.noise_models import NoiseModel
 
 COUNT, VALIDATION = 12, 2
 NOISE = NoiseModel("gaussian", level=5)

@@ -14,18 +14,11 @@ import yaml
 from fake_mayo import MAYO_PATIENTS, build_fake_mayo, mayo_series_folder
 
 from n2g_ct.cli import main
-from n2g_ct.datasets.manifest import (
-    DEFINITIONS_DIR,
-    PairSelection,
-    RandomPositionsRule,
-    check_manifest,
-    load_definition,
-    load_manifest,
-    load_split,
-    pair_positions,
-    paper_counts,
-    scan_dataset,
-)
+from n2g_ct.datasets.check import check_manifest
+from n2g_ct.datasets.definition import DEFINITIONS_DIR, RandomPositionsRule, load_definition
+from n2g_ct.datasets.manifest import load_manifest, load_split
+from n2g_ct.datasets.scan import pair_positions, paper_counts, scan_dataset
+from n2g_ct.datasets.selection import PairSelection
 from n2g_ct.errors import ConfigError, InputError
 
 PHI = ("PID-SECRET-42", "Doe", "Jane")  # the fake headers' patient ID and name

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from n2g_ct.simulation.noise_models import NoiseModel
+from n2g_ct.datasets.noise_models import NoiseModel
 
 
 def flat(value: float, shape=(3, 128, 128)) -> np.ndarray:

@@ -15,11 +15,10 @@ from denoise_factories import identity_checkpoint
 from factories import phantom_hu, write_ct_series
 
 import n2g_ct
-from n2g_ct.api import NAMED_MODELS, resolve_model
 from n2g_ct.cli import main
 from n2g_ct.config import config_template, from_dict
 from n2g_ct.errors import InputError
-from n2g_ct.models import STARTER_MODEL
+from n2g_ct.models import NAMED_MODELS, STARTER_MODEL, resolve_model
 from n2g_ct.training.config import TrainConfig
 
 

@@ -15,18 +15,10 @@ from denoise_factories import dciodvfy_errors, write_complete_ct_series
 from n2g_ct.cli import main
 from n2g_ct.errors import ConfigError, InputError
 from n2g_ct.io import read_volume
-from n2g_ct.simulation.low_dose import (
-    FanBeam,
-    LowDoseSimulator,
-    ParallelBeam,
-    ScanGeometry,
-    _NonUniformFFT,
-    estimate_noise_std,
-    hu_to_mu,
-    simulate_low_dose,
-    simulate_series,
-    slice_generator,
-)
+from n2g_ct.quality.noise_estimate import estimate_noise_std
+from n2g_ct.simulation.low_dose import LowDoseSimulator, hu_to_mu, simulate_low_dose, slice_generator
+from n2g_ct.simulation.projector import FanBeam, ParallelBeam, ScanGeometry, _NonUniformFFT
+from n2g_ct.simulation.series import simulate_series
 
 PARALLEL = ScanGeometry("parallel")
 

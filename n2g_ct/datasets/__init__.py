@@ -1,1 +1,2 @@
-"""Datasets: slice selections, manifests, the volume cache, training crops and transforms."""
+"""Datasets: slice selections, manifests and dataset definitions, the volume cache, training crops and
+transforms, natural images with synthetic noise models."""

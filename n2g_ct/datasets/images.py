@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from n2g_ct.datasets.noise_models import NoiseModel
 from n2g_ct.datasets.slices import SeededBatchStream
 from n2g_ct.errors import InputError
-from n2g_ct.simulation.noise_models import NoiseModel
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601

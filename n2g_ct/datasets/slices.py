@@ -32,7 +32,7 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from n2g_ct.datasets.cache import CachedVolume, VolumeCache
-from n2g_ct.datasets.manifest import PairSelection, SliceSelection
+from n2g_ct.datasets.selection import PairSelection, SliceSelection
 from n2g_ct.datasets.transforms import (
     DEFAULT_CROP_SIZE,
     HUWindowd,

@@ -1,7 +1,6 @@
 """Paired evaluation: the noisy input, denoisers and BM3D side by side on (low-dose, reference) slices.
 
-For every evaluated slice and method: PSNR and SSIM in both windows of DESIGN §5
-(:mod:`n2g_ct.quality.metrics`), and the CT measures of :mod:`n2g_ct.quality.ct_measures` in uniform soft-tissue
+For every evaluated slice and method: PSNR and SSIM in both windows of :mod:`n2g_ct.quality.metrics`, and the CT measures of :mod:`n2g_ct.quality.ct_measures` in uniform soft-tissue
 ROIs found on the *reference* slice: noise std of the output, mean-HU bias (output − reference),
 and the NPS of (output − reference), pooled over all slices per method. Do no harm: the RMSE and
 mean of (output − reference) in bone (reference above 300 HU) and at edges (steep reference
@@ -45,7 +44,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from n2g_ct import __version__
 from n2g_ct.atomic import PARTIAL_MARK, check_writable, staged_output
 from n2g_ct.datasets.cache import VolumeCache
-from n2g_ct.datasets.manifest import PairSelection, load_split
+from n2g_ct.datasets.manifest import load_split
+from n2g_ct.datasets.selection import PairSelection, evenly_spaced
 from n2g_ct.datasets.slices import PairedSliceDataset
 from n2g_ct.datasets.transforms import Keys
 from n2g_ct.errors import ConfigError, InputError, N2GError
@@ -85,7 +85,7 @@ from n2g_ct.quality.ct_measures import (
     roi_noise_std,
     roi_patches,
 )
-from n2g_ct.quality.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, WINDOWS, psnr, ssim
+from n2g_ct.quality.metrics import SSIM_SIGMA, SSIM_WINDOW_SIZE, WINDOWS, windowed_scores
 from n2g_ct.quality.self_check import SelfCheck
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class ModelSpec:
         Raises:
             ConfigError: no ``=``, or an empty name or path.
         """
-        from n2g_ct.api import NAMED_MODELS
+        from n2g_ct.models import NAMED_MODELS
 
         name, sep, path = text.partition("=")
         if not sep or not name or not path:
@@ -305,11 +305,7 @@ def _load_slice(dataset: PairedSliceDataset, index: int) -> _Slice:
 
 def _image_metrics(output: np.ndarray, reference: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
     out = torch.from_numpy(np.ascontiguousarray(output, dtype=np.float32))[None, None]
-    scores = {}
-    for window in WINDOWS:
-        scores[f"psnr_{window.name}"] = float(psnr(out, reference, window, valid)[0])
-        scores[f"ssim_{window.name}"] = float(ssim(out, reference, window, valid)[0])
-    return scores
+    return {name: float(values[0]) for name, values in windowed_scores(out, reference, valid).items()}
 
 
 def _evaluate_slice(s: _Slice, methods: Sequence[_Method], roi: RoiSettings, series: str,
@@ -475,13 +471,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
-
-
-def evenly_spaced(count: int, wanted: int | None) -> np.ndarray:
-    """Indices into ``range(count)``: all of them, or ``wanted`` evenly spaced (first and last included)."""
-    if wanted is None or wanted >= count:
-        return np.arange(count)
-    return np.unique(np.linspace(0, count - 1, max(wanted, 0)).round().astype(int))
 
 
 def evaluate(

@@ -291,7 +291,7 @@ def example_figure_png(example: ExampleSlice, window: Window = DISPLAY_WINDOW,
 
 def psnr_figure_png(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> bytes:
     """PNG: PSNR per slice against the slice's index in its low-dose series, a line per method and
-    pair, one panel per window of DESIGN §5."""
+    pair, one panel per window of :mod:`n2g_ct.quality.metrics`."""
     fig = figure(6.0 * len(WINDOWS), 3.6)
     axes = fig.subplots(1, len(WINDOWS), squeeze=False)
     pairs = sorted({int(r["pair"]) for r in rows})

@@ -55,7 +55,6 @@ from pydicom.misc import is_dicom
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from n2g_ct.api import resolve_model
 from n2g_ct.atomic import remove_stale, staged_output, write_text_atomic
 from n2g_ct.datasets.manifest import load_manifest
 from n2g_ct.errors import ConfigError, InputError, N2GError
@@ -69,6 +68,7 @@ from n2g_ct.io.dicom import DicomSeries, frame_rescale, read_dicom_series, scan_
 from n2g_ct.io.dicom_writer import Clipping, Derivation, DerivedSeriesWriter
 from n2g_ct.io.nifti import is_nifti, read_nifti, write_volume_nifti
 from n2g_ct.io.volume import CTVolume
+from n2g_ct.models import resolve_model
 from n2g_ct.models.checkpoint import read_checkpoint
 from n2g_ct.quality.self_check import SelfCheck, SelfCheckResult
 
@@ -464,7 +464,7 @@ def denoise_inputs(
     Args:
         inputs: series folders, folder trees, DICOM files, NIfTI files or manifest YAML files.
         out: output folder (created); must not lie inside an input.
-        model: a named model (:data:`n2g_ct.api.NAMED_MODELS`) or a checkpoint written by
+        model: a named model (:data:`n2g_ct.models.NAMED_MODELS`) or a checkpoint written by
             ``n2g-ct train`` or ``n2g-ct export``; None: the starter model.
         split: manifest split whose low-dose series are denoised (default: the manifest's default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.

@@ -1,6 +1,6 @@
 """Write a derived DICOM series: processed HU slices, with their source slices' headers as templates.
 
-Per DESIGN.md §6, each derived slice keeps the source's Patient, Study, Frame of Reference,
+Each derived slice keeps the source's Patient, Study, Frame of Reference,
 equipment, geometry and window attributes, and gets
 
 - a new SeriesInstanceUID and SOPInstanceUID (MediaStorageSOPInstanceUID matching), derived

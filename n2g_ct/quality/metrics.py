@@ -1,6 +1,6 @@
 """Image-quality metrics on HU slices, always with an explicit window and data range.
 
-Two protocols (DESIGN §5): the display window [-160, 240] HU clipped, data range 400 HU (the
+Two protocols: the display window [-160, 240] HU clipped, data range 400 HU (the
 RED-CNN/CTformer/Noise2Sim convention), and the full window [-1024, 3072] HU, data range 4096.
 SSIM uses a Gaussian window of 11 pixels, σ = 1.5, population covariance, over the whole slice
 on the clipped HU values (MONAI's SSIM; equal to ``skimage.metrics.structural_similarity`` on the
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from n2g_ct.io.hu_window import HUWindow
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class Window:
 
 
 DISPLAY_WINDOW = Window("display", -160.0, 240.0)
-FULL_WINDOW = Window("full", -1024.0, 3072.0)
+FULL_WINDOW = Window("full", HUWindow().low, HUWindow().high)
+"""The network's default window (:class:`~n2g_ct.io.hu_window.HUWindow`): air to dense bone."""
 WINDOWS = (DISPLAY_WINDOW, FULL_WINDOW)
 IMAGE_RANGE = Window("image", 0.0, 1.0)
 """Natural images in [0, 1] (the paper's experiments): clipped to [0, 1], data range 1."""
@@ -96,3 +99,13 @@ def ssim(prediction_hu: Tensor, reference_hu: Tensor, window: Window, mask: Tens
     border = SSIM_WINDOW_SIZE // 2
     inner = None if mask is None else mask[..., border:-border, border:-border]
     return _masked_mean(ssim_map, inner)
+
+
+def windowed_scores(prediction_hu: Tensor, reference_hu: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """PSNR and SSIM per image in every window of :data:`WINDOWS`: ``psnr_display``, ``ssim_display``,
+    ``psnr_full``, ``ssim_full``, each (B,) for (B, 1, H, W) HU images (``mask`` as for :func:`psnr`)."""
+    scores = {}
+    for window in WINDOWS:
+        scores[f"psnr_{window.name}"] = psnr(prediction_hu, reference_hu, window, mask)
+        scores[f"ssim_{window.name}"] = ssim(prediction_hu, reference_hu, window, mask)
+    return scores

@@ -1,7 +1,7 @@
 """The Noise2Grad paper's natural-image experiments (Tables 1-3), run by ``n2g-ct run pipelines/paper_*.yaml``.
 
 A recipe's ``paper`` section names a folder of clean training images (BSD300 ``train200/``), a
-test folder (``test100_480x320/``), noise settings (each a :class:`~n2g_ct.simulation.noise_models.NoiseModel`
+test folder (``test100_480x320/``), noise settings (each a :class:`~n2g_ct.datasets.noise_models.NoiseModel`
 with the paper's figures beside it) and methods (each a set of ``n2g-ct train`` options merged
 onto the shared ``train`` section). For every setting and method this trains one run on the pools
 of :mod:`n2g_ct.datasets.images` (skipping finished runs, resuming interrupted ones), then denoises the
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from n2g_ct.config import apply_overrides, from_dict
-from n2g_ct.simulation.noise_models import NoiseModel
+from n2g_ct.datasets.noise_models import NoiseModel
 from n2g_ct.training.config import Budget
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def _evaluate_setting(experiment: PaperExperiment, setting: PaperSetting, checkp
     from tqdm import tqdm
 
     from n2g_ct.datasets.images import TEST, add_noise, image_files, load_image
-    from n2g_ct.evaluation.evaluate import evenly_spaced
+    from n2g_ct.datasets.selection import evenly_spaced
     from n2g_ct.inference.denoiser import denoise_image
     from n2g_ct.models.checkpoint import read_checkpoint
     from n2g_ct.quality.metrics import IMAGE_RANGE, psnr, ssim

@@ -1,1 +1,1 @@
-"""Simulated data: low-dose CT in the projection domain, the phantom, synthetic noise models."""
+"""Simulated data: low-dose CT in the projection domain (projector, simulator, series in and out) and the phantom."""

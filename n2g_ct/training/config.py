@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from n2g_ct.datasets.cache import cache_location
-from n2g_ct.datasets.manifest import PairSelection, SliceSelection
+from n2g_ct.datasets.noise_models import NoiseModel
+from n2g_ct.datasets.selection import PairSelection, SliceSelection
 from n2g_ct.io.hu_window import HUWindow
 from n2g_ct.methods import Noise2GradOptions
-from n2g_ct.simulation.noise_models import NoiseModel
 
 RESIDUAL_VARIANTS = ("default", "robust")
 """Noise2Grad variants whose F is a residual U-Net unless ``model.residual`` says otherwise."""
@@ -32,7 +32,7 @@ class ImageDataConfig:
 
     Attributes:
         folder: clean images (PNG, JPEG, ...), e.g. BSD300 ``train200/``.
-        noise: the noise model (`n2g_ct.simulation.noise_models.NoiseModel`).
+        noise: the noise model (`n2g_ct.datasets.noise_models.NoiseModel`).
         color: RGB (``model.channels: 3``) or grey luma (``model.channels: 1``).
         pairs: the supervised method's pairs: ``original`` (noisy-pool images and their clean
             originals) or ``superposed`` (the noisy pool's true noise added onto clean-pool images,

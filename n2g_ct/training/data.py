@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from n2g_ct.datasets.cache import VolumeCache
-from n2g_ct.datasets.manifest import SliceSelection, load_split
+from n2g_ct.datasets.manifest import load_split
+from n2g_ct.datasets.selection import SliceSelection, evenly_spaced
 from n2g_ct.datasets.slices import PairedCropStream, PairedSliceDataset, UnpairedCropStream, pair_table, slice_pool
 from n2g_ct.datasets.transforms import Keys
 from n2g_ct.inference.denoiser import Denoiser, denoise_image
 from n2g_ct.methods.noise_scale import band_centres
-from n2g_ct.quality.metrics import IMAGE_RANGE, WINDOWS, psnr, ssim
+from n2g_ct.quality.metrics import IMAGE_RANGE, psnr, ssim, windowed_scores
 from n2g_ct.quality.self_check import SelfCheck, SelfCheckResult
 from n2g_ct.training.config import DataConfig, ImageDataConfig, TrainConfig
 
@@ -153,7 +154,7 @@ def build_validation(data: DataConfig, device: torch.device) -> Validation | Non
         return None
     dataset = PairedSliceDataset(data.validation, window=data.window, cache=VolumeCache(data.cache_dir))
     count = len(dataset) if data.validation_slices == 0 else min(data.validation_slices, len(dataset))
-    subset = Subset(dataset, np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist())
+    subset = Subset(dataset, evenly_spaced(len(dataset), count).tolist())
 
     def score(network: nn.Module) -> dict[str, float]:
         network.eval()
@@ -162,9 +163,8 @@ def build_validation(data: DataConfig, device: torch.device) -> Validation | Non
         for item in DataLoader(subset, batch_size=1):
             reference, valid = item[Keys.REFERENCE_HU], item[Keys.VALID]
             output = torch.from_numpy(denoise(item[Keys.LOW_DOSE_HU][:, 0].numpy()))[:, None]
-            for window in WINDOWS:
-                scores.setdefault(f"psnr_{window.name}", []).append(psnr(output, reference, window, valid))
-                scores.setdefault(f"ssim_{window.name}", []).append(ssim(output, reference, window, valid))
+            for name, values in windowed_scores(output, reference, valid).items():
+                scores.setdefault(name, []).append(values)
         return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
 
     return Validation(score, "psnr_display", "validation PSNR (dB), window [-160, 240] HU")
@@ -185,7 +185,7 @@ def build_self_check(config: TrainConfig, device: torch.device) -> Callable[[nn.
         table = slice_pool("self-check slices", _pools(data)[0], cache)
     else:
         table = pair_table(data.paired, cache)
-    rows = np.unique(np.linspace(0, len(table) - 1, config.run.self_check_slices).round().astype(int))
+    rows = evenly_spaced(len(table), config.run.self_check_slices)
     slices = []
     for row in rows:
         volumes, zs = table.row(int(row))

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from n2g_ct.datasets.cache import VolumeCache
-from n2g_ct.datasets.manifest import SliceSelection
+from n2g_ct.datasets.selection import SliceSelection
 from n2g_ct.datasets.slices import UnpairedCropStream
 
 

@@ -30,14 +30,10 @@ import numpy as np
 import torch
 
 from n2g_ct.io import read_volume
+from n2g_ct.quality.noise_estimate import NoiseEstimate, estimate_noise_std
 from n2g_ct.research.benchmarks import median_seconds
-from n2g_ct.simulation.low_dose import (
-    LowDoseSimulator,
-    NoiseEstimate,
-    ScanGeometry,
-    estimate_noise_std,
-    simulate_low_dose,
-)
+from n2g_ct.simulation.low_dose import LowDoseSimulator, simulate_low_dose
+from n2g_ct.simulation.projector import ScanGeometry
 
 VIEWS = 720
 
