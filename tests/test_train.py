@@ -262,7 +262,7 @@ def test_cli_reports_config_errors_without_traceback(synthetic, tmp_path):
 
 
 def test_a_time_budget_fixes_the_step_count_after_calibration(synthetic, tmp_path):
-    from n2g_ct.training.loop import CALIBRATION_STEPS, WARMUP_STEPS
+    from n2g_ct.training.budget import CALIBRATION_STEPS, WARMUP_STEPS
 
     config = make_config(synthetic, tmp_path / "run", optim={"steps": 100_000, "minutes": 0.05})
     train(config, progress=False)

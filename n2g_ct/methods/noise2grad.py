@@ -202,6 +202,22 @@ def random_noise_gain(batch: int, max_gain: float, generator: torch.Generator) -
     return torch.exp((2 * uniform - 1) * math.log(max_gain))
 
 
+def _noisy_and_clean(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    x, y = batch["noisy"], batch["clean"]
+    if x.ndim != 4 or x.shape != y.shape:
+        raise ValueError(f"noisy and clean crops must both be (B, C, H, W) of one shape, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    return x, y
+
+
+def _result(loss_denoise: Tensor, loss_grad: Tensor | None, **images: Tensor) -> StepResult:
+    """The step's result: the gradient loss counts in the loss only where it trains something."""
+    counts = loss_grad is not None and loss_grad.requires_grad
+    return StepResult(loss=loss_denoise + loss_grad if counts else loss_denoise, denoise_loss=loss_denoise.detach(),
+                      grad_loss=None if loss_grad is None else loss_grad.detach(),
+                      images={name: image.detach() for name, image in images.items()})
+
+
 class Noise2Grad(TrainingMethod):
     """Noise2Grad as a `TrainingMethod`: F, G (`noise_scale`) and the options, resolved once.
 
@@ -221,10 +237,7 @@ class Noise2Grad(TrainingMethod):
         self.period = self.options.period_for(total_steps)
 
     def forward(self, batch: dict[str, Tensor], step: int, generator: torch.Generator) -> StepResult:
-        x, y = batch["noisy"], batch["clean"]
-        if x.ndim != 4 or x.shape != y.shape:
-            raise ValueError(f"noisy and clean crops must both be (B, C, H, W) of one shape, got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        x, y = _noisy_and_clean(batch)
         grad_step = uses_gradient_loss(step, self.period, self.options.update_delay)
         trains = torch.is_grad_enabled()
         into_f = trains and grad_step and self.options.grad_into_denoiser
@@ -238,14 +251,7 @@ class Noise2Grad(TrainingMethod):
         x_s_denoised = self.denoiser(x_s)
         loss_denoise = denoise_loss(x_s_denoised, pairs.target(noise, gains))
         loss_grad = gradient_loss(n_tilde, x) if grad_step else None
-        counts = loss_grad is not None and loss_grad.requires_grad
-        return StepResult(
-            loss=loss_denoise + loss_grad if counts else loss_denoise,
-            denoise_loss=loss_denoise.detach(),
-            grad_loss=None if loss_grad is None else loss_grad.detach(),
-            images={"n_hat": n_hat.detach(), "n_tilde": n_tilde.detach(), "x_s": x_s,
-                    "x_s_denoised": x_s_denoised.detach()},
-        )
+        return _result(loss_denoise, loss_grad, n_hat=n_hat, n_tilde=n_tilde, x_s=x_s, x_s_denoised=x_s_denoised)
 
     def _scramble(self, n_tilde: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Detail destruction, then each sample's noise gain: (noise (B, C, H, W), gains (B, 1, 1, 1))."""
