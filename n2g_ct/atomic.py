@@ -2,22 +2,31 @@
 
 A reader sees the old output or the new one, never a partial one: everything is fsynced before it is
 renamed into place, and the parent folder after. An interrupted run leaves at most hidden
-``.NAME.partial-PID...`` siblings (temp files end in ``.tmp``), which readers skip (hidden) and the
-next write of that output, or :func:`remove_stale` over a run's output folder, removes once process
-PID is gone (on this machine: a folder shared by several machines needs one writer at a time).
+``.NAME.partial-PIDhHOST...`` siblings (temp files end in ``.tmp``; ``HOST`` a short hash of the machine's
+name), which readers skip (hidden) and the next write of that output, or :func:`remove_stale` over a
+run's output folder, removes once process PID of this machine is gone. Partial outputs of other
+machines (a folder shared by the parts of a sharded run) are never removed: their PIDs mean nothing here.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 PARTIAL_MARK = ".partial-"
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def process_mark() -> str:
+    """``PIDhHOST``: this process on this machine, as partial outputs carry it after :data:`PARTIAL_MARK`."""
+    return f"{os.getpid()}h{_HOST}"
 
 
 def _remove(path: Path) -> None:
@@ -38,9 +47,13 @@ def _process_running(pid: int) -> bool:
 
 
 def _is_stale(name: str) -> bool:
-    """True for a ``.NAME.partial-PID...`` entry whose process is no longer running."""
-    pid = name.rpartition(PARTIAL_MARK)[2].split(".")[0]
-    return name.startswith(".") and PARTIAL_MARK in name and (not pid.isdigit() or not _process_running(int(pid)))
+    """True for a ``.NAME.partial-PIDhHOST...`` entry of this machine whose process is no longer running."""
+    if not name.startswith(".") or PARTIAL_MARK not in name:
+        return False
+    pid, _, host = name.rpartition(PARTIAL_MARK)[2].split(".")[0].partition("h")
+    if host and host != _HOST:
+        return False
+    return not pid.isdigit() or not _process_running(int(pid))
 
 
 def _remove_stale_siblings(output: Path) -> None:
@@ -85,7 +98,7 @@ def check_writable(folder: Path) -> None:
     path otherwise. Call it before long work whose results go there."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=f".probe{PARTIAL_MARK}{os.getpid()}.", suffix=".tmp", dir=folder)
+    fd, probe = tempfile.mkstemp(prefix=f".probe{PARTIAL_MARK}{process_mark()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     os.unlink(probe)
 
@@ -100,7 +113,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}{process_mark()}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
@@ -135,13 +148,13 @@ def staged_output(output: Path) -> Iterator[Path]:
     check_writable(output.parent)
     _remove_stale_siblings(output)
     suffix = "".join(output.suffixes) if output.suffix in (".nii", ".gz") else ""
-    staging = output.parent / f"{prefix}{os.getpid()}{suffix}"
+    staging = output.parent / f"{prefix}{process_mark()}{suffix}"
     _remove(staging)
     try:
         yield staging
         _fsync_tree(staging)
         if output.is_dir():
-            old = output.parent / f"{prefix}{os.getpid()}.old"
+            old = output.parent / f"{prefix}{process_mark()}.old"
             os.rename(output, old)
             try:
                 os.rename(staging, output)

@@ -209,14 +209,25 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_denoise(args: argparse.Namespace) -> int:
-    from n2g_ct.inference.denoise import denoise_inputs
+    from n2g_ct.devices import torchrun_processes
+    from n2g_ct.inference.denoise import Part, denoise_inputs
 
-    with command_log(args.out / "denoise.log"):
+    processes, part = torchrun_processes(), Part.parse(args.part) if args.part else Part()
+    if processes.world_size > 1:
+        if args.part:
+            raise ConfigError("--part and torchrun both split the work: use one of them")
+        part = Part.of_processes(processes)
+        if args.threads is None:  # the node's cores shared among its processes
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    log_name = "denoise.log" if part.count == 1 else f"denoise.part-{part.number}-of-{part.count}.log"
+    with command_log(args.out / log_name):
         summary = denoise_inputs(
             args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
             amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
             include_localizers=args.include_localizers, assume_identity_rescale=args.assume_identity_rescale,
-            output_format=args.format,
+            output_format=args.format, part=part, processes=processes,
         )
     print(summary.render())
     return 0 if summary.ok else 1
@@ -251,6 +262,9 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true",
                         help="write a series even when the model fails the self-check on it (the summary says so)")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
+    parser.add_argument("--part", metavar="K/N", help="denoise part K of N (e.g. 2/8) of the series, split the same way "
+                        "by every part; the part that completes the set writes the merged summary. Under torchrun "
+                        "each rank takes one part by itself")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_threads_option(parser)
     parser.set_defaults(handler=_cmd_denoise)

@@ -25,6 +25,13 @@ class Processes:
         return self.rank == 0
 
 
+def torchrun_processes() -> Processes:
+    """This process's place as ``torchrun`` announces it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), without
+    joining a process group: for work split up front that needs no communication."""
+    return Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                     int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_processes(requested_device: str = "auto") -> Processes:
     """This process's rank under ``torchrun`` (initialising the process group), else a single process.
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import tempfile
 import time
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct import __version__
-from n2g_ct.atomic import PARTIAL_MARK, check_writable, staged_output
+from n2g_ct.atomic import PARTIAL_MARK, check_writable, process_mark, staged_output
 from n2g_ct.datasets.cache import VolumeCache
 from n2g_ct.datasets.manifest import load_split
 from n2g_ct.datasets.selection import PairSelection, evenly_spaced
@@ -530,7 +529,7 @@ def evaluate(
     with contextlib.ExitStack() as stack:
         if cache is None:  # a temporary cache beside the output, removed at the end: no lasting copy of the images
             cache = VolumeCache(Path(stack.enter_context(tempfile.TemporaryDirectory(
-                prefix=f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}.cache-", dir=out_dir.resolve().parent))))
+                prefix=f".{out_dir.name}{PARTIAL_MARK}{process_mark()}.cache-", dir=out_dir.resolve().parent))))
         return _evaluate(pairs, out_dir, methods, skipped, cache, split=split, max_slices=max_slices,
                          examples=examples, roi=roi, progress=progress)
 

@@ -32,6 +32,13 @@ rescale and every series' derived header must build (else that series fails). A 
 reported and the others go on. Partial outputs of dead runs below OUT are removed at the start.
 One run per OUT at a time.
 
+Sharding: ``part`` K of N (``--part K/N`` for schedulers, or ``torchrun --nproc_per_node N``, one part
+per rank) denoises the jobs :func:`assign_parts` gives it: every part plans all jobs the same way and
+takes its own, largest first to the least loaded part, so the split needs no communication and the
+same inputs always split the same way. Part K writes ``OUT/denoise_summary.part-K-of-N.csv``; the
+part that completes the set writes the merged ``OUT/denoise_summary.csv`` (every row, in plan
+order). Skipping, resuming and refusing work per job as in one process; several machines may share OUT.
+
 DICOM series stream through memory ``max(batch_size, 32)`` slices at a time, so host memory does
 not grow with the series length; NIfTI volumes, DICOM series written as NIfTI and Enhanced CT
 (multi-frame) series are read whole.
@@ -57,6 +64,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from n2g_ct.atomic import remove_stale, staged_output, write_text_atomic
 from n2g_ct.datasets.manifest import load_manifest
+from n2g_ct.devices import Processes
 from n2g_ct.errors import ConfigError, InputError, N2GError
 from n2g_ct.inference.denoiser import (
     DEFAULT_BATCH_SIZE,
@@ -125,12 +133,70 @@ class Outcome:
         return dict(zip(SUMMARY_FIELDS, (str(v) for v in values)))
 
 
+@dataclass(frozen=True)
+class Part:
+    """This process's share of a sharded run: part ``number`` (from 1) of ``count`` (module docstring)."""
+
+    number: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.number <= self.count:
+            raise ConfigError(f"part must be K/N with 1 ≤ K ≤ N, got {self.number}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> Part:
+        """``K/N``, e.g. ``2/8``.
+
+        >>> Part.parse("2/8")
+        Part(number=2, count=8)
+        """
+        number, _, count = text.partition("/")
+        if not (number.strip().isdigit() and count.strip().isdigit()):
+            raise ConfigError(f"part must be K/N (e.g. 2/8), got {text!r}")
+        return cls(int(number), int(count))
+
+    @classmethod
+    def of_processes(cls, processes: Processes) -> Part:
+        """One part per rank of a ``torchrun`` job."""
+        return cls(processes.rank + 1, processes.world_size)
+
+    @property
+    def summary_name(self) -> str:
+        return SUMMARY_NAME if self.count == 1 else f"denoise_summary.part-{self.number}-of-{self.count}.csv"
+
+
+def assign_parts(jobs: Sequence[Job], count: int) -> list[int]:
+    """The part (from 1) of each job: largest first (slices, then plan order) to the part with the fewest
+    slices so far, the lower part on a tie. Deterministic: a function of the plan alone.
+
+    >>> jobs = [Job(Path(f"s{i}"), Path(f"o{i}"), slices) for i, slices in enumerate([10, 40, 30, 20])]
+    >>> assign_parts(jobs, 2)
+    [1, 1, 2, 2]
+    """
+    load = [0] * count
+    part_of = [0] * len(jobs)
+    for index in sorted(range(len(jobs)), key=lambda i: (-jobs[i].slices, i)):
+        part = min(range(count), key=lambda p: (load[p], p))
+        load[part] += max(jobs[index].slices, 1)
+        part_of[index] = part + 1
+    return part_of
+
+
 @dataclass
 class DenoiseSummary:
-    """The outcome of every job of a run, and where the summary CSV is."""
+    """The outcome of every job of a run (of this part's jobs, when sharded), and where the summary CSV is.
+
+    Attributes:
+        merged: the merged summary of all parts, once this part completed the set; else ``None``.
+        parts_done: parts whose every job has a row (sharded runs).
+    """
 
     outcomes: list[Outcome]
     csv_path: Path
+    part: Part = Part()
+    merged: Path | None = None
+    parts_done: int = 0
 
     @property
     def ok(self) -> bool:
@@ -147,6 +213,10 @@ class DenoiseSummary:
             f"denoised in {sum(o.seconds for o in done):.1f} s); summary: {self.csv_path}"
         )
         lines = [head]
+        if self.part.count > 1:
+            lines.append(f"part {self.part.number}/{self.part.count}; " + (
+                f"all parts done: merged summary {self.merged}" if self.merged is not None else
+                f"{self.parts_done} of {self.part.count} parts done (the last to finish writes {SUMMARY_NAME})"))
         lines += [f"{o.status}: {o.source}: {o.message}" for o in self.outcomes if o.status in ("refused", "failed")]
         return "\n".join(lines)
 
@@ -436,11 +506,39 @@ def _preflight(jobs: list[Job], derivation: Derivation, outcomes: list[Outcome])
 
 
 def _write_summary(path: Path, outcomes: Sequence[Outcome]) -> None:
+    _write_rows(path, [o.row() for o in outcomes])
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, str]]) -> None:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(o.row() for o in outcomes)
+    writer.writerows(rows)
     write_text_atomic(path, text.getvalue())
+
+
+def _merge_parts(out: Path, jobs: Sequence[Job], part_of: Sequence[int], discovered: Sequence[Outcome],
+                 count: int) -> tuple[int, Path | None]:
+    """Write the merged summary once every part's CSV has a row for each of its jobs.
+
+    Returns:
+        (parts done, the merged summary or None while parts are missing).
+    """
+    rows: dict[str, dict[str, str]] = {}
+    done = 0
+    for number in range(1, count + 1):
+        expected = {str(job.output) for job, part in zip(jobs, part_of) if part == number}
+        path = out / Part(number, count).summary_name
+        found = {}
+        if path.is_file():
+            with open(path, newline="") as f:
+                found = {row["output"]: row for row in csv.DictReader(f) if row.get("output") in expected}
+        done += len(found) == len(expected)
+        rows.update(found)
+    if done < count:
+        return done, None
+    _write_rows(out / SUMMARY_NAME, [o.row() for o in discovered] + [rows[str(job.output)] for job in jobs])
+    return done, out / SUMMARY_NAME
 
 
 def denoise_inputs(
@@ -458,6 +556,8 @@ def denoise_inputs(
     include_localizers: bool = False,
     assume_identity_rescale: bool = False,
     output_format: str = "dicom",
+    part: Part = Part(),
+    processes: Processes = Processes(),
 ) -> DenoiseSummary:
     """Denoise every series / volume found in ``inputs`` into ``out`` (layout: module docstring).
 
@@ -478,6 +578,8 @@ def denoise_inputs(
             (default: such a series fails, naming the file).
         output_format: ``dicom`` (derived series) or ``nifti`` (``.nii.gz``) for DICOM input; a
             series that is not a regular slice grid fails when NIfTI is asked for.
+        part: this process's share of a sharded run (module docstring); default: all jobs.
+        processes: this process's place under ``torchrun`` (its GPU is that of its local rank).
 
     Returns:
         The outcome per job; ``ok`` is False when any failed or was refused. The CSV is written after each job.
@@ -500,10 +602,18 @@ def denoise_inputs(
     out = Path(out).expanduser().resolve()
     for stale in remove_stale(out):
         log.info("removed %s, left by an interrupted run", stale)
-    summary = DenoiseSummary(outcomes, out / SUMMARY_NAME)
+    planned, discovered, part_of = jobs, outcomes, [1] * len(jobs)
+    if part.count > 1:
+        part_of = assign_parts(planned, part.count)
+        jobs = [job for job, number in zip(planned, part_of) if number == part.number]
+        outcomes = list(discovered) if part.number == 1 else []
+        (out / SUMMARY_NAME).unlink(missing_ok=True)  # the merged summary appears when every part is done
+        log.info("part %d/%d: %d of %d job(s), %d of %d slice(s)", part.number, part.count, len(jobs), len(planned),
+                 sum(j.slices for j in jobs), sum(j.slices for j in planned))
+    summary = DenoiseSummary(outcomes, out / part.summary_name, part)
     _write_summary(summary.csv_path, summary.outcomes)  # fails now, not after the model ran, if OUT is not writable
     checkpoint = read_checkpoint(model)
-    denoiser = denoiser_from_checkpoint(checkpoint, device=device, amp=amp)
+    denoiser = denoiser_from_checkpoint(checkpoint, device=device, amp=amp, processes=processes)
     derivation = Derivation(denoiser.method, checkpoint.sha256, denoiser.precision)
     del checkpoint
     batch_size = batch_size or DEFAULT_BATCH_SIZE[denoiser.device.type]
@@ -519,4 +629,6 @@ def denoise_inputs(
             summary.outcomes.append(_run_job(job, denoiser, derivation, batch_size, overwrite, bar.update, force))
             _write_summary(summary.csv_path, summary.outcomes)
             bar.update(before + job.slices - bar.n)  # a skipped or failed series counts as done
+    if part.count > 1:
+        summary.parts_done, summary.merged = _merge_parts(out, planned, part_of, discovered, part.count)
     return summary

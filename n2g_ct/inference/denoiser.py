@@ -82,13 +82,15 @@ def denoise_image(network: nn.Module, image: np.ndarray, device: torch.device) -
     return network(x).float().clamp(0.0, 1.0).cpu()
 
 
-def denoiser_from_checkpoint(checkpoint: Checkpoint, *, device: str = "auto", amp: bool = True) -> Denoiser:
+def denoiser_from_checkpoint(checkpoint: Checkpoint, *, device: str = "auto", amp: bool = True,
+                             processes: Processes = Processes()) -> Denoiser:
     """F of a checkpoint (:func:`n2g_ct.models.checkpoint.read_checkpoint`) on ``device``.
 
     Args:
         checkpoint: the loaded checkpoint.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: float16 autocast when the device is CUDA (ignored on CPU).
+        processes: this process's place under ``torchrun`` (``auto``/``cuda``: the GPU of its local rank).
 
     Raises:
         InputError: the model is not for 1-channel CT, or its weights do not fit its U-Net settings.
@@ -99,7 +101,7 @@ def denoiser_from_checkpoint(checkpoint: Checkpoint, *, device: str = "auto", am
         raise InputError(f"{checkpoint.path}: the model has {info.unet.channels} channels; CT denoising needs a "
                          "1-channel model")
     network = checkpoint.network()
-    torch_device = select_device(device, Processes())
+    torch_device = select_device(device, processes)
     network.to(torch_device).eval()
     return Denoiser(network, info.window, info.method, torch_device, amp=amp and torch_device.type == "cuda")
 
