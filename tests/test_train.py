@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -430,3 +431,44 @@ def test_training_logs_self_checks_and_stops_after_failing_ones_in_a_row(synthet
     assert [(int(r["step"]), int(r["passed"])) for r in rows] == [(2, 1), (4, 0), (6, 0), (8, 0)]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["step"] == 8 and state["failed_checks"] == 3 and not state["self_check"]["passed"]
+
+
+def _torchrun_worker(config_path: Path, out: Path, *extra: str) -> dict:
+    """Train under ``torchrun`` with 2 CPU processes (gloo) through ``tests/ddp_worker.py``; its record."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+         str(config_path), str(out), *extra],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_ddp_with_two_processes_is_deterministic_keeps_ranks_identical_and_resumes_exactly(synthetic, tmp_path):
+    """After every step both ranks hold the same F and the same fitted (spectral) noise scale; two runs
+    log the same losses and end with the same weights; a run interrupted after step 3 and resumed ends
+    as the straight one."""
+    spectral_every_step = {"noise_scale": "spectral", "update_delay": False, "period": None}
+    sections = {"optim": {"steps": 6}, "method": {"noise2grad": spectral_every_step}}
+    paths = {}
+    for name in ("first", "second", "resumed"):
+        paths[name] = write_yaml(make_config(synthetic, tmp_path / name, **sections), tmp_path / f"{name}.yaml")
+    first = _torchrun_worker(paths["first"], tmp_path / "first.json")
+    second = _torchrun_worker(paths["second"], tmp_path / "second.json")
+    assert first["ranks_agree"] and second["ranks_agree"]
+    assert [step for step, _ in first["digests"]] == list(range(1, 7))
+    assert first["fits"] == 6, "the noise scale was fitted at every step"
+    assert first["digests"] == second["digests"], "deterministic: the same weights after every step"
+    logged = {name: [(r["step"], r["loss"], r["g_weight"]) for r in read_rows(tmp_path / name / "train_log.csv")]
+              for name in ("first", "second")}
+    assert logged["first"] == logged["second"]
+
+    interrupted = _torchrun_worker(paths["resumed"], tmp_path / "interrupted.json", "--interrupt-after", "3")
+    assert [step for step, _ in interrupted["digests"]] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
+    resumed = _torchrun_worker(paths["resumed"], tmp_path / "resumed.json", "--resume")
+    assert resumed["ranks_agree"] and [step for step, _ in resumed["digests"]] == [4, 5, 6]
+    assert resumed["digests"] == first["digests"][3:], "the resumed run continues exactly"
+    assert ([(r["step"], r["loss"]) for r in read_rows(tmp_path / "resumed" / "train_log.csv")]
+            == [(step, loss) for step, loss, _ in logged["first"]])
