@@ -51,14 +51,15 @@ class DenoisedVolume:
 class Model:
     """A denoising model on its device (from :func:`load_model`)."""
 
-    def __init__(self, checkpoint: Path, device: str = "auto", amp: bool = True, batch_size: int | None = None) -> None:
+    def __init__(self, checkpoint: Path, device: str = "auto", precision: str = "auto",
+                 batch_size: int | None = None) -> None:
         from n2g_ct.inference.denoiser import DEFAULT_BATCH_SIZE, denoiser_from_checkpoint
         from n2g_ct.io.dicom_writer import Derivation
         from n2g_ct.models.checkpoint import read_checkpoint
 
         self.checkpoint = checkpoint
         loaded = read_checkpoint(checkpoint)
-        self.denoiser = denoiser_from_checkpoint(loaded, device=device, amp=amp)
+        self.denoiser = denoiser_from_checkpoint(loaded, device=device, precision=precision)
         self.derivation = Derivation(self.denoiser.method, loaded.sha256, self.denoiser.precision)
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.denoiser.device.type]
 
@@ -82,11 +83,11 @@ class Model:
         return DenoisedVolume(hu, volume, self.derivation)
 
 
-def load_model(model: str | Path = "starter", *, device: str = "auto", amp: bool = True) -> Model:
+def load_model(model: str | Path = "starter", *, device: str = "auto", precision: str = "auto") -> Model:
     """Load a named model (``starter``) or a checkpoint written by ``n2g-ct train``/``export``.
 
     Args:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        amp: float16 autocast on CUDA.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (:mod:`n2g_ct.inference.precision`).
     """
-    return Model(resolve_model(model), device=device, amp=amp)
+    return Model(resolve_model(model), device=device, precision=precision)

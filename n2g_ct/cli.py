@@ -225,7 +225,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
     with command_log(args.out / log_name):
         summary = denoise_inputs(
             args.inputs, args.out, args.model, split=args.split, device=args.device, batch_size=args.batch_size,
-            amp=not args.no_amp, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
+            precision="fp32" if args.no_amp else args.precision, overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
             include_localizers=args.include_localizers, assume_identity_rescale=args.assume_identity_rescale,
             output_format=args.format, part=part, processes=processes,
         )
@@ -261,7 +261,11 @@ def _add_denoise_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_rescale_option(parser)
     parser.add_argument("--force", action="store_true",
                         help="write a series even when the model fails the self-check on it (the summary says so)")
-    parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: float16 autocast)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="auto (default): float16 on CUDA; on a CPU bfloat16 where it has AMX-BF16 or "
+                        "AVX512-BF16 (the full-resolution level stays float32), else float32. Recorded in each "
+                        "derived series' DerivationDescription")
+    parser.add_argument("--no-amp", action="store_true", help="the same as --precision fp32")
     parser.add_argument("--part", metavar="K/N", help="denoise part K of N (e.g. 2/8) of the series, split the same way "
                         "by every part; the part that completes the set writes the merged summary. Under torchrun "
                         "each rank takes one part by itself")

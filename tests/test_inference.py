@@ -10,8 +10,9 @@ from denoise_factories import WINDOW_HU, tiny_checkpoint
 from factories import phantom_hu
 from torch import nn
 
-from n2g_ct.errors import InputError, N2GError
+from n2g_ct.errors import ConfigError, InputError, N2GError
 from n2g_ct.inference.denoiser import Denoiser, denoise_volume, denoiser_from_checkpoint
+from n2g_ct.inference.precision import cpu_flags, resolve_precision
 from n2g_ct.io.hu_window import HUWindow
 from n2g_ct.models.checkpoint import load_checkpoint, read_checkpoint
 
@@ -65,7 +66,7 @@ def test_unet_result_does_not_depend_on_batch_size_and_takes_odd_sizes(tmp_path,
     hu = phantom_hu((5, 37, 23))
     outputs = [denoise_volume(denoiser, hu, batch_size=b) for b in (1, 2, 5)]
     assert outputs[0].shape == hu.shape
-    tolerance = 2.0 if denoiser.amp else 1e-2  # HU; float16 autocast on CUDA
+    tolerance = 1e-2 if denoiser.precision == "fp32" else 2.0  # HU
     for other in outputs[1:]:
         np.testing.assert_allclose(other, outputs[0], atol=tolerance)
     assert not np.allclose(outputs[0], hu, atol=1.0), "an untrained U-Net changes the image"
@@ -106,6 +107,41 @@ def test_non_finite_output_is_an_error():
         denoise_volume(denoiser, phantom_hu((1, 4, 4)))
 
 
-def test_amp_only_on_cuda(tmp_path):
-    checkpoint = read_checkpoint(tiny_checkpoint(tmp_path / "m.pt"))
-    assert denoiser_from_checkpoint(checkpoint, device="cpu", amp=True).amp is False
+def test_precision_is_chosen_by_the_cpus_instructions(tmp_path):
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, frozenset({"avx2", "avx512f"}))[0] == "fp32"
+    assert resolve_precision("auto", cpu, frozenset({"avx512f", "avx512_bf16"}))[0] == "bf16"
+    assert resolve_precision("auto", torch.device("cuda"), frozenset())[0] == "fp16"
+    assert "emulated" in resolve_precision("fp16", cpu, frozenset({"avx512f"}))[1]
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        resolve_precision("int8", cpu)
+    (tmp_path / "cpuinfo").write_text("processor : 0\nflags : fpu avx2 amx_bf16\n")
+    assert cpu_flags(tmp_path / "cpuinfo") == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_fp32_on_the_cpu_runs_channels_last_with_the_same_output(tmp_path):
+    checkpoint = read_checkpoint(tiny_checkpoint(tmp_path / "m.pt", base_width=8))
+    denoiser = denoiser_from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    weight = denoiser.network.encoder[0][2].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    hu = phantom_hu((2, 40, 36))
+    plain = Denoiser(checkpoint.network(), checkpoint.info.window, "test", torch.device("cpu"))
+    np.testing.assert_allclose(denoise_volume(denoiser, hu), denoise_volume(plain, hu), atol=1e-3)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_keeps_the_full_resolution_level_and_the_residual_in_float32(tmp_path, precision, dtype):
+    checkpoint = read_checkpoint(tiny_checkpoint(tmp_path / "m.pt", base_width=8))
+    denoiser = denoiser_from_checkpoint(checkpoint, device="cpu", precision=precision)
+    seen = {}
+    network = denoiser.network
+    for name, module in (("level 0", network.encoder[0]), ("level 1", network.encoder[1]),
+                         ("last block", network.decoder[-1]), ("head", network.head)):
+        module.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, out.dtype) and None)
+    hu = phantom_hu((2, 40, 36))
+    low = denoise_volume(denoiser, hu)
+    assert seen == {"level 0": torch.float32, "level 1": dtype, "last block": torch.float32, "head": torch.float32}
+    reference = denoise_volume(denoiser_from_checkpoint(checkpoint, device="cpu", precision="fp32"), hu)
+    assert low.dtype == np.float32 and 0 < np.abs(low - reference).max() < 20.0  # HU; the contract is benchmarked
+    assert denoiser.precision == precision

@@ -261,7 +261,7 @@ def _check_names(models: Sequence[ModelSpec]) -> None:
 def _denoiser_method(spec: ModelSpec, device: str) -> _Method:
     """A checkpoint's denoiser F as a method (float32; raises InputError for a bad checkpoint)."""
     checkpoint = read_checkpoint(spec.checkpoint)
-    denoiser = denoiser_from_checkpoint(checkpoint, device=device, amp=False)
+    denoiser = denoiser_from_checkpoint(checkpoint, device=device, precision="fp32")
     info = {"kind": "denoiser", "description": f"{checkpoint.info.method} denoiser, step {checkpoint.info.step}",
             "checkpoint": str(spec.checkpoint), "sha256": checkpoint.sha256, "training_method": checkpoint.info.method,
             "window_hu": checkpoint.info.window.as_list(), "device": str(denoiser.device)}

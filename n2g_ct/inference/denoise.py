@@ -549,7 +549,7 @@ def denoise_inputs(
     split: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
-    amp: bool = True,
+    precision: str = "auto",
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -569,7 +569,8 @@ def denoise_inputs(
         split: manifest split whose low-dose series are denoised (default: the manifest's default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per forward pass (default: :data:`n2g_ct.inference.denoiser.DEFAULT_BATCH_SIZE`).
-        amp: float16 autocast on CUDA.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (:mod:`n2g_ct.inference.precision`); it is
+            recorded in each derived series' DerivationDescription.
         overwrite: redo jobs whose output exists.
         force: write a series even when the model fails the self-check on it (the row says so).
         progress: a progress bar over all slices of all jobs, with the current series, on stderr.
@@ -613,13 +614,13 @@ def denoise_inputs(
     summary = DenoiseSummary(outcomes, out / part.summary_name, part)
     _write_summary(summary.csv_path, summary.outcomes)  # fails now, not after the model ran, if OUT is not writable
     checkpoint = read_checkpoint(model)
-    denoiser = denoiser_from_checkpoint(checkpoint, device=device, amp=amp, processes=processes)
+    denoiser = denoiser_from_checkpoint(checkpoint, device=device, precision=precision, processes=processes)
     derivation = Derivation(denoiser.method, checkpoint.sha256, denoiser.precision)
     del checkpoint
     batch_size = batch_size or DEFAULT_BATCH_SIZE[denoiser.device.type]
     jobs = _preflight(jobs, derivation, summary.outcomes)
-    log.info("%d job(s) on %s, batch size %d, %s; model %s (sha256 %s)", len(jobs), denoiser.device, batch_size,
-             denoiser.precision, model, derivation.checkpoint_sha256[:12])
+    log.info("%d job(s) on %s, batch size %d, %s (%s); model %s (sha256 %s)", len(jobs), denoiser.device, batch_size,
+             denoiser.precision, denoiser.note, model, derivation.checkpoint_sha256[:12])
     _write_summary(summary.csv_path, summary.outcomes)
     with logging_redirect_tqdm(), tqdm(total=sum(job.slices for job in jobs), unit="slice", desc="denoise",
                                        disable=not progress, dynamic_ncols=True) as bar:

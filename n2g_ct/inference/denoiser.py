@@ -3,16 +3,14 @@
 The network sees each slice mapped to [0, 1] by the checkpoint's HU window (`HUWindow.to_unit`), and
 its output maps back to HU by the inverse (`HUWindow.to_hu`).
 Only one batch of slices is on the device at any time, so a series of any length fits; the U-Net
-takes any in-plane size. On CUDA the forward pass runs under float16 autocast by default (float16
-rather than bfloat16: its 10-bit mantissa keeps the HU error near 1 HU over a 4096 HU window, where
-bfloat16's 7 bits would give about 8 HU).
+takes any in-plane size. The precision (float32, or bfloat16/float16 where the device computes them
+fast) is chosen by :mod:`n2g_ct.inference.precision`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +19,7 @@ from torch import nn
 
 from n2g_ct.devices import Processes, select_device
 from n2g_ct.errors import InputError, N2GError
+from n2g_ct.inference.precision import autocast, prepare_network, resolve_precision
 from n2g_ct.io.hu_window import HUWindow
 from n2g_ct.models.checkpoint import Checkpoint
 
@@ -40,37 +39,34 @@ class Denoiser:
         window: the HU window mapped to [0, 1] for the network.
         method: training method recorded in the checkpoint (e.g. ``noise2grad``).
         device: where the forward pass runs.
-        amp: float16 autocast for the forward pass (CUDA only).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (:mod:`n2g_ct.inference.precision`; the network is
+            prepared for it by :func:`denoiser_from_checkpoint`).
+        note: the instructions the precision runs on, for logs and reports.
     """
 
     network: nn.Module
     window: HUWindow
     method: str
     device: torch.device
-    amp: bool = False
-
-    @property
-    def precision(self) -> str:
-        """``fp16`` (autocast) or ``fp32``: outputs of the two differ by up to about 1 HU."""
-        return "fp16" if self.amp else "fp32"
+    precision: str = "fp32"
+    note: str = ""
 
     @torch.inference_mode()
     def __call__(self, hu: np.ndarray) -> np.ndarray:
         """Denoise one batch of slices: (n, y, x) HU → (n, y, x) float32 HU, on the device at once.
 
         Raises:
-            N2GError: the network produced NaN or Inf (e.g. a float16 overflow; retry without amp).
+            N2GError: the network produced NaN or Inf (e.g. a float16 overflow; retry with --precision fp32).
         """
         batch = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)).to(self.device, non_blocking=True)
         batch = self.window.to_unit(batch[:, None])
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
-        with autocast:
+        with autocast(self.precision, self.device):
             out = self.network(batch)
         out = self.window.to_hu(out[:, 0].float())
         if not torch.isfinite(out).all():
             raise N2GError(
                 f"the network produced NaN/Inf values (precision {self.precision})"
-                + ("; run again without mixed precision (--no-amp)" if self.amp else "")
+                + ("; run again with --precision fp32" if self.precision != "fp32" else "")
             )
         return out.cpu().numpy()
 
@@ -82,14 +78,14 @@ def denoise_image(network: nn.Module, image: np.ndarray, device: torch.device) -
     return network(x).float().clamp(0.0, 1.0).cpu()
 
 
-def denoiser_from_checkpoint(checkpoint: Checkpoint, *, device: str = "auto", amp: bool = True,
+def denoiser_from_checkpoint(checkpoint: Checkpoint, *, device: str = "auto", precision: str = "auto",
                              processes: Processes = Processes()) -> Denoiser:
     """F of a checkpoint (:func:`n2g_ct.models.checkpoint.read_checkpoint`) on ``device``.
 
     Args:
         checkpoint: the loaded checkpoint.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        amp: float16 autocast when the device is CUDA (ignored on CPU).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (:mod:`n2g_ct.inference.precision`).
         processes: this process's place under ``torchrun`` (``auto``/``cuda``: the GPU of its local rank).
 
     Raises:
@@ -100,10 +96,10 @@ def denoiser_from_checkpoint(checkpoint: Checkpoint, *, device: str = "auto", am
     if info.unet.channels != 1:
         raise InputError(f"{checkpoint.path}: the model has {info.unet.channels} channels; CT denoising needs a "
                          "1-channel model")
-    network = checkpoint.network()
     torch_device = select_device(device, processes)
-    network.to(torch_device).eval()
-    return Denoiser(network, info.window, info.method, torch_device, amp=amp and torch_device.type == "cuda")
+    precision, note = resolve_precision(precision, torch_device)
+    network = prepare_network(checkpoint.network(), precision, torch_device).to(torch_device).eval()
+    return Denoiser(network, info.window, info.method, torch_device, precision, note)
 
 
 def denoise_volume(

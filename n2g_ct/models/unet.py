@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,6 +66,8 @@ class UNet(nn.Module):
         if not local_mean_px >= 0:
             raise ValueError(f"UNet local_mean_px must be >= 0, got {local_mean_px!r}")
         self.residual = residual
+        self.low_precision: torch.dtype | None = None
+        """Inference only (``n2g_ct.inference.precision``): the dtype of levels 1 and deeper; None: one dtype."""
         self.local_mean_px = float(local_mean_px) if residual else 0.0
         radius = max(1, round(3 * self.local_mean_px))
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -107,18 +111,30 @@ class UNet(nn.Module):
         for level, block in enumerate(self.encoder):
             if level:
                 features = F.max_pool2d(features, 2)
-            features = block(features)
+            with self._precision(level, image.device.type):
+                features = block(features)
             skips.append(features)
         skips.pop()  # the deepest features are the decoder's input, not a skip
-        for block in self.decoder:
+        for level, block in zip(reversed(range(self.depth)), self.decoder):
             features = F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=True)
-            features = block(torch.cat([skips.pop(), features], dim=1))
-        output = self.head(features)[..., top : top + height, left : left + width]
+            skip = skips.pop()
+            with self._precision(level, image.device.type):
+                features = block(torch.cat([skip, features.to(skip.dtype)], dim=1))
+        with self._precision(0, image.device.type):
+            output = self.head(features)[..., top : top + height, left : left + width].to(image.dtype)
         if not self.residual:
             return output
-        if self.local_mean_px:
-            output = output - self._local_mean(output)
-        return image + output
+        with torch.autocast(image.device.type, enabled=False):  # the residual stage at the input's precision
+            if self.local_mean_px:
+                output = output - self._local_mean(output)
+            return image + output
+
+    def _precision(self, level: int, device_type: str) -> AbstractContextManager:
+        """Inference with :attr:`low_precision`: levels 1 and deeper under autocast to it, the
+        full-resolution level (first and last blocks, head) at the input's precision."""
+        if self.low_precision is None:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.low_precision, enabled=level > 0)
 
     def _local_mean(self, image: Tensor) -> Tensor:
         """Each channel blurred by the Gaussian of ``local_mean_px`` (separable, borders replicated: any image size)."""

@@ -44,7 +44,8 @@ def _write_checkpoint(path: Path, base_width: int) -> Path:
         "model": {"channels": 1, "base_width": base_width, "depth": 3},
         "method": {"name": "noise2grad"},
     }
-    save_checkpoint({"step": 0, "config": config, "denoiser": build_denoiser(1, 1, base_width, 3).state_dict()}, path)
+    save_checkpoint(path, config=config, denoiser=build_denoiser(1, 1, base_width, 3).state_dict(), step=0,
+                    total_steps=None, self_check=None)
     return path
 
 
