@@ -106,6 +106,7 @@ def test_summary_holds_the_protocol_methods_and_checkpoint_hashes(data, result):
     methods = {m["name"]: m for m in summary["methods"]}
     assert list(methods) == ["noisy", "same"]
     assert methods["same"]["sha256"] == file_sha256(data["identity"]) and methods["same"]["training_method"] == "supervised"
+    assert methods["same"]["precision"] == "fp32"  # evaluation always runs float32
     assert summary["results"]["noisy"]["psnr_display"]["n"] == SLICES
     nps = summary["nps"]["noisy"]
     assert nps["frequency_per_mm"][-1] <= 0.5 / 0.7 and len(nps["frequency_per_mm"]) == len(nps["nps_hu2_mm2"]) == 4
@@ -119,6 +120,7 @@ def test_report_embeds_figures_and_shows_no_patient_data(result):
     linked = [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]
     assert len(linked) == 5 and all((out / name).read_bytes().startswith(b"\x89PNG") for name in linked)
     assert "display [-160, 240] HU, data range 400" in html and "full [-1024, 3072] HU, data range 4096" in markdown
+    assert "precision fp32" in markdown
     for name in ("report.html", "report.md", "summary.json", "per_slice.csv"):
         text = re.sub(r"base64,[A-Za-z0-9+/=]+", "", (out / name).read_text())
         for secret in ("Doe", "Jane", PATIENT_ID):

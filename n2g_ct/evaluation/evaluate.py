@@ -264,7 +264,8 @@ def _denoiser_method(spec: ModelSpec, device: str) -> _Method:
     denoiser = denoiser_from_checkpoint(checkpoint, device=device, precision="fp32")
     info = {"kind": "denoiser", "description": f"{checkpoint.info.method} denoiser, step {checkpoint.info.step}",
             "checkpoint": str(spec.checkpoint), "sha256": checkpoint.sha256, "training_method": checkpoint.info.method,
-            "window_hu": checkpoint.info.window.as_list(), "device": str(denoiser.device)}
+            "window_hu": checkpoint.info.window.as_list(), "device": str(denoiser.device),
+            "precision": denoiser.precision}
     return _Method(spec.name, lambda s: denoiser(s.low_dose[None])[0], info)
 
 

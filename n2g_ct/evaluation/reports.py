@@ -394,7 +394,8 @@ def _method_lines(summary: Mapping[str, Any]) -> list[str]:
     for method in summary["methods"]:
         text = f"{method['name']}: {method['description']}"
         if "sha256" in method:
-            text += f" (checkpoint {Path(method['checkpoint']).name}, SHA-256 {method['sha256']})"
+            precision = f", precision {method['precision']}" if "precision" in method else ""
+            text += f" (checkpoint {Path(method['checkpoint']).name}, SHA-256 {method['sha256']}{precision})"
         lines.append(text)
     return lines
 
