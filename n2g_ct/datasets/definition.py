@@ -36,7 +36,7 @@ class Dose:
 class RandomPositionsRule:
     """Paper-style split: paired positions drawn at random into test pairs, noisy and clean pools.
 
-    Counts are for a complete tree; :func:`paper_counts` scales them down for smaller trees.
+    Counts are for a complete tree; :func:`~n2g_ct.datasets.scan.paper_counts` scales them down for smaller trees.
     """
 
     name: str
