@@ -28,7 +28,7 @@ options that no variant adopted (their code is in the commit it names).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -138,9 +138,8 @@ class Noise2GradOptions:
         """These options for natural images: a ``measured`` noise scale the variant chose becomes
         ``spectral`` (natural images have no soft tissue to measure the noise in); an explicit one stays."""
         if self.noise_scale == "measured" and "noise_scale" in self.from_variant:
-            changes = {name: getattr(self, name) for name in VARIANTS[self.variant] if name not in self.from_variant}
-            return Noise2GradOptions(variant=self.variant, period=self.period, detail_destruction=self.detail_destruction,
-                                     update_delay=self.update_delay, **{**changes, "noise_scale": "spectral"})
+            given = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in self.from_variant}
+            return Noise2GradOptions(**{**given, "noise_scale": "spectral"})  # the rest from the variant again
         return self
 
     def period_for(self, total_steps: int) -> int:
